@@ -1,0 +1,186 @@
+"""Building blocks of RepMLPNet (CVPR 2022) in Flax linen, NHWC.
+
+Submodules are named after the keys of the official PyTorch state_dict (`conv`, `bn`, `fc1`,
+`fc3`, `fc3_bn`, `repconv3`, `prebn1`, ...) so that importing official weights is a rename plus
+layout transposes. Every module carries a `deploy` flag: the training form holds the conv
+branches and BatchNorms that `repmlp_jax.reparam` folds away; the deploy form holds only what is
+left (three FCs per RepMLP block).
+"""
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Precision = Any
+
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9  # PyTorch's momentum 0.1.
+
+
+def batch_norm(train: bool, dtype: Dtype, name: str | None = None) -> nn.BatchNorm:
+  """The BatchNorm of the whole model; statistics are global under jit with sharded batches."""
+  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                      dtype=dtype, name=name)
+
+
+def make_divisible(value: float, divisor: int) -> int:
+  """Rounds `value` to a multiple of `divisor`, never below 90% of it (mmpretrain's rule)."""
+  new_value = max(divisor, int(value + divisor / 2) // divisor * divisor)
+  if new_value < 0.9 * value:
+    new_value += divisor
+  return new_value
+
+
+def partition(x: jax.Array, h: int, w: int, sharesets: int) -> jax.Array:
+  """Cuts (N, H, W, C) into rows of `sharesets` channels over h x w windows.
+
+  Returns (N, H/h, W/w, C/S, h, w, S): row (n, i, j, r) holds channels r*S .. r*S+S-1 of window
+  (i, j), the layout of the official `partitions.reshape(-1, S, h, w)`.
+  """
+  n, height, width, c = x.shape
+  x = x.reshape(n, height // h, h, width // w, w, c // sharesets, sharesets)
+  return x.transpose(0, 1, 3, 5, 2, 4, 6)
+
+
+def reassemble(rows: jax.Array) -> jax.Array:
+  """Puts partition rows back into a (N, H, W, C) map exactly as the official RepMLPNet does.
+
+  The official block reads its (N*hp*wp*C/S, S, h, w) buffer as (N*C/S, hp, wp, S, h, w). When
+  hp*wp > 1 and C/S > 1 that is not the inverse of `partition` but a fixed permutation of channels
+  and windows; the released weights were trained with it, so it is reproduced here.
+
+  Args:
+    rows: (N, hp, wp, C/S, h, w, S), as returned by `partition`.
+  Returns:
+    (N, hp*h, wp*w, C).
+  """
+  n, hp, wp, groups, h, w, s = rows.shape
+  # (hp, wp, C/S) row order reinterpreted as (C/S, hp, wp); the (h, w, S) part keeps its meaning.
+  rows = rows.reshape(n, groups, hp, wp, h, w, s)
+  return rows.transpose(0, 2, 4, 3, 5, 1, 6).reshape(n, hp * h, wp * w, groups * s)
+
+
+class ConvBN(nn.Module):
+  """Conv (no bias) then BatchNorm; in deploy form one conv with bias."""
+  features: int
+  kernel_size: int
+  strides: int = 1
+  padding: int = 0
+  groups: int = 1
+  deploy: bool = False
+  dtype: Dtype = jnp.float32
+  precision: Precision = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    conv = functools.partial(
+        nn.Conv, self.features, (self.kernel_size,) * 2, strides=(self.strides,) * 2,
+        padding=[(self.padding, self.padding)] * 2, feature_group_count=self.groups,
+        dtype=self.dtype, precision=self.precision, name='conv')
+    if self.deploy:
+      return conv(use_bias=True)(x)
+    x = conv(use_bias=False)(x)
+    return batch_norm(train, self.dtype, name='bn')(x)
+
+
+class GlobalPerceptron(nn.Module):
+  """Per-channel gate from the global average: pool -> fc1 -> ReLU -> fc2 -> sigmoid."""
+  hidden: int
+  dtype: Dtype = jnp.float32
+  precision: Precision = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    g = jnp.mean(x, axis=(1, 2))
+    g = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, precision=self.precision, name='fc1')(g))
+    g = nn.Dense(channels, dtype=self.dtype, precision=self.precision, name='fc2')(g)
+    return nn.sigmoid(g)  # (N, C)
+
+
+class RepMLPBlock(nn.Module):
+  """Global, Partition and Local Perceptrons of RepMLPNet.
+
+  fc3 is a grouped FC: shareset s maps the h*w values of each of its rows with its own (h*w, h*w)
+  matrix, stored as kernel (S, h*w in, h*w out). The conv branches `repconv{k}` are k x k
+  convolutions with S groups of one channel over each h x w window.
+  """
+  channels: int
+  h: int
+  w: int
+  sharesets: int
+  reparam_conv_k: Sequence[int] = (1, 3)
+  gp_hidden: int | None = None  # Default C // 4, as the official code.
+  deploy: bool = False
+  dtype: Dtype = jnp.float32
+  precision: Precision = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    s, hw = self.sharesets, self.h * self.w
+    gate = GlobalPerceptron(self.gp_hidden or self.channels // 4, dtype=self.dtype,
+                            precision=self.precision, name='gp')(x)
+    rows = partition(x, self.h, self.w, s)  # (N, hp, wp, C/S, h, w, S)
+    lead = rows.shape[:4]
+    fc3_kernel = self.param('fc3', nn.initializers.lecun_normal(in_axis=1, out_axis=2,
+                                                                batch_axis=0), (s, hw, hw))
+    flat = rows.reshape(*lead, hw, s)
+    out = jnp.einsum('nijrps,spq->nijrqs', flat, fc3_kernel.astype(self.dtype),
+                     precision=self.precision)
+    if self.deploy:
+      out = out + self.param('fc3_bias', nn.initializers.zeros, (s, hw)).T.astype(self.dtype)
+      out = out.reshape(rows.shape)
+    else:
+      # fc3_bn and the conv branches see the rows as (rows, h, w, S) maps.
+      maps = rows.reshape(-1, self.h, self.w, s)
+      out = batch_norm(train, self.dtype, name='fc3_bn')(out.reshape(maps.shape))
+      for k in self.reparam_conv_k:
+        out = out + ConvBN(s, k, padding=k // 2, groups=s, dtype=self.dtype,
+                           precision=self.precision, name=f'repconv{k}')(maps, train=train)
+      out = out.reshape(rows.shape)
+    return reassemble(out) * gate[:, None, None, :].astype(out.dtype)
+
+
+class FFNBlock(nn.Module):
+  """conv1x1-BN -> GELU (exact erf) -> conv1x1-BN."""
+  hidden: int
+  deploy: bool = False
+  dtype: Dtype = jnp.float32
+  precision: Precision = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    channels = x.shape[-1]
+    conv = functools.partial(ConvBN, kernel_size=1, deploy=self.deploy, dtype=self.dtype,
+                             precision=self.precision)
+    x = conv(self.hidden, name='ffn_fc1')(x, train=train)
+    x = nn.gelu(x, approximate=False)
+    return conv(channels, name='ffn_fc2')(x, train=train)
+
+
+class RepMLPNetUnit(nn.Module):
+  """x + RepMLPBlock(prebn1(x)), then y + FFN(prebn2(y))."""
+  channels: int
+  h: int
+  w: int
+  sharesets: int
+  reparam_conv_k: Sequence[int] = (1, 3)
+  gp_hidden: int | None = None
+  ffn_expand: int = 4
+  deploy: bool = False
+  dtype: Dtype = jnp.float32
+  precision: Precision = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    y = batch_norm(train, self.dtype, name='prebn1')(x)
+    x = x + RepMLPBlock(self.channels, self.h, self.w, self.sharesets, self.reparam_conv_k,
+                        self.gp_hidden, deploy=self.deploy, dtype=self.dtype,
+                        precision=self.precision, name='repmlp_block')(y, train=train)
+    y = batch_norm(train, self.dtype, name='prebn2')(x)
+    return x + FFNBlock(self.channels * self.ffn_expand, deploy=self.deploy, dtype=self.dtype,
+                        precision=self.precision, name='ffn_block')(y, train=train)

@@ -1,0 +1,63 @@
+"""`create_model`: every model of the package by name, variants being plain settings."""
+
+import re
+from typing import Any
+
+import flax.linen as nn
+
+from repmlp_jax import repmlpnet
+
+# name -> (module class, settings). Names are matched case-insensitively, with or without the
+# family prefix and separators: 'RepMLPNet-B224', 'repmlpnet_b224' and 'b224' are one model.
+MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    name: (repmlpnet.RepMLPNet, settings) for name, settings in repmlpnet.ARCH_SETTINGS.items()
+}
+
+
+def _key(name: str) -> str:
+  return re.sub(r'[^a-z0-9]', '', name.lower())
+
+
+def _aliases() -> dict[str, str]:
+  aliases = {}
+  for name in MODELS:
+    aliases[_key(name)] = name
+    family, _, short = name.lstrip('_').partition('-')
+    if short:
+      aliases.setdefault(_key(short), name)
+  return aliases
+
+
+def available_models(include_private: bool = False) -> list[str]:
+  """The official names create_model knows."""
+  return [n for n in MODELS if include_private or not n.startswith('_')]
+
+
+def resolve_name(name: str) -> str:
+  """Maps any accepted spelling ('b224', 'RepMLPNet_B224') to the official name."""
+  official = _aliases().get(_key(name))
+  if official is None:
+    raise ValueError(f'Unknown model {name!r}. Available: {", ".join(available_models())} '
+                     '(case-insensitive; short forms such as "b224" work too).')
+  return official
+
+
+def create_model(name: str, *, num_classes: int = 1000, deploy: bool = False,
+                 **overrides: Any) -> nn.Module:
+  """Builds a model by its official name.
+
+  Args:
+    name: e.g. 'RepMLPNet-B224' or 'b224'.
+    num_classes: size of the classifier.
+    deploy: the inference form produced by `repmlp_jax.reparam` instead of the training form.
+    **overrides: any field of the model class (channels, depths, partitions, sharesets,
+      reparam_conv_k, dtype, precision, ...), for custom settings.
+  Returns:
+    An unbound flax Module: `model.init(rng, x)`, `model.apply(variables, x, train=False)`.
+  """
+  cls, settings = MODELS[resolve_name(name)]
+  fields = set(cls.__dataclass_fields__)
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise TypeError(f'{cls.__name__} has no setting(s) {unknown}; known: {sorted(fields - {"parent", "name"})}.')
+  return cls(**{**settings, 'num_classes': num_classes, 'deploy': deploy, **overrides})

@@ -1,0 +1,103 @@
+"""RepMLPNet (Ding et al., CVPR 2022) and its official variants, as data.
+
+The training form holds every Global, Partition and Local Perceptron; `deploy=True` builds the
+inference form that `repmlp_jax.reparam` produces (three FCs per RepMLP block, BatchNorms after
+linear ops folded in).
+"""
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from repmlp_jax import layers
+
+# Official settings (authors' repository; REFERENCE table). `partitions` is h = w per stage.
+ARCH_SETTINGS: dict[str, dict[str, Any]] = {
+    'RepMLPNet-T224': dict(channels=(64, 128, 256, 512), depths=(2, 2, 6, 2),
+                           partitions=(56, 28, 14, 7), sharesets=(1, 4, 16, 128), image_size=224),
+    'RepMLPNet-B224': dict(channels=(96, 192, 384, 768), depths=(2, 2, 12, 2),
+                           partitions=(56, 28, 14, 7), sharesets=(1, 4, 32, 128), image_size=224),
+    'RepMLPNet-T256': dict(channels=(64, 128, 256, 512), depths=(2, 2, 6, 2),
+                           partitions=(64, 32, 16, 8), sharesets=(1, 4, 16, 128), image_size=256),
+    'RepMLPNet-B256': dict(channels=(96, 192, 384, 768), depths=(2, 2, 12, 2),
+                           partitions=(64, 32, 16, 8), sharesets=(1, 4, 32, 128), image_size=256),
+    'RepMLPNet-D256': dict(channels=(80, 160, 320, 640), depths=(2, 2, 18, 2),
+                           partitions=(64, 32, 16, 8), sharesets=(1, 4, 16, 128), image_size=256),
+    'RepMLPNet-L256': dict(channels=(96, 192, 384, 768), depths=(2, 2, 18, 2),
+                           partitions=(64, 32, 16, 8), sharesets=(1, 4, 32, 256), image_size=256),
+    # Tiny private variant for fast tests: several windows per stage and C/S > 1 everywhere,
+    # so the official re-assembly permutation is exercised. Input 32 x 32.
+    '_RepMLPNet-Tiny': dict(channels=(8, 16, 16, 32), depths=(1, 1, 2, 1),
+                            partitions=(4, 2, 1, 1), sharesets=(2, 4, 4, 8), image_size=32),
+}
+
+
+class RepMLPNet(nn.Module):
+  """RepMLPNet: conv stem, four stages of RepMLPNet units joined by strided convs, BN-pool-linear head."""
+  channels: Sequence[int]
+  depths: Sequence[int]
+  partitions: Sequence[int]  # Window side h = w of each stage.
+  sharesets: Sequence[int]
+  reparam_conv_k: Sequence[int] = (1, 3)
+  num_classes: int = 1000
+  gp_hidden_divisor: int = 1  # 1: C // 4 (official); 8: make_divisible(C // 4, 8) (mmpretrain).
+  ffn_expand: int = 4
+  image_size: int | None = None  # Training resolution; informative only.
+  deploy: bool = False
+  dtype: Any = jnp.float32
+  precision: Any = None
+
+  @property
+  def input_multiple(self) -> int:
+    """H and W must be multiples of this: every stage splits evenly into its windows."""
+    return math.lcm(*(4 * 2**i * p for i, p in enumerate(self.partitions)))
+
+  def check_input(self, x: jax.Array) -> None:
+    if x.ndim != 4 or x.shape[-1] != 3:
+      raise ValueError(f'RepMLPNet takes NHWC images with 3 channels; got shape {x.shape}.')
+    m = self.input_multiple
+    height, width = x.shape[1:3]
+    if height % m or width % m:
+      raise ValueError(
+          f'RepMLPNet with partitions {tuple(self.partitions)} takes inputs whose height and width '
+          f'are multiples of {m} (e.g. {m}, {2 * m}, {3 * m}); got {height}x{width}. Resize or '
+          f'crop the images to such a size.')
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
+    """Classifies NHWC images.
+
+    Args:
+      x: (N, H, W, 3) images, H and W multiples of `input_multiple`.
+      train: batch statistics for BatchNorm (needs mutable=['batch_stats']).
+      return_features: also return every stage's output.
+    Returns:
+      logits (N, num_classes), or with `return_features` a dict holding `stage_0` .. `stage_3`
+      (NHWC output of each stage, before the next downsampling), `pre_logits` (N, C) and `logits`.
+    """
+    self.check_input(x)
+    conv_bn = lambda *a, **k: layers.ConvBN(*a, deploy=self.deploy, dtype=self.dtype,
+                                            precision=self.precision, **k)
+    x = x.astype(self.dtype)
+    x = nn.relu(conv_bn(self.channels[0], 4, strides=4, name='conv_embedding')(x, train=train))
+    features = {}
+    for s, (c, depth, p, shareset) in enumerate(
+        zip(self.channels, self.depths, self.partitions, self.sharesets)):
+      if s > 0:
+        x = nn.relu(conv_bn(c, 2, strides=2, name=f'embeds_{s - 1}')(x, train=train))
+      gp_hidden = layers.make_divisible(c // 4, self.gp_hidden_divisor)
+      for b in range(depth):
+        x = layers.RepMLPNetUnit(c, p, p, shareset, tuple(self.reparam_conv_k), gp_hidden,
+                                 self.ffn_expand, deploy=self.deploy, dtype=self.dtype,
+                                 precision=self.precision, name=f'stages_{s}_{b}')(x, train=train)
+      features[f'stage_{s}'] = x
+    x = layers.batch_norm(train, self.dtype, name='head_norm')(x)
+    pooled = jnp.mean(x, axis=(1, 2))
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, precision=self.precision,
+                      name='head')(pooled)
+    if return_features:
+      return {**features, 'pre_logits': pooled, 'logits': logits}
+    return logits
