@@ -1,9 +1,11 @@
 """`create_model`: every model of the package by name, variants being plain settings."""
 
 import re
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 from repmlp_jax import repmlpnet
 
@@ -61,3 +63,34 @@ def create_model(name: str, *, num_classes: int = 1000, deploy: bool = False,
   if unknown:
     raise TypeError(f'{cls.__name__} has no setting(s) {unknown}; known: {sorted(fields - {"parent", "name"})}.')
   return cls(**{**settings, 'num_classes': num_classes, 'deploy': deploy, **overrides})
+
+
+def model_spec(model: nn.Module) -> dict[str, Any]:
+  """A JSON-able description of `model` (class and every setting) that `model_from_spec` rebuilds."""
+  fields = {k: getattr(model, k) for k in type(model).__dataclass_fields__
+            if k not in ('parent', 'name')}
+  fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in fields.items()}
+  fields['dtype'] = jnp.dtype(fields['dtype']).name
+  if fields.get('precision') is not None:
+    fields['precision'] = str(fields['precision'])
+  return {'class': type(model).__name__, 'settings': fields}
+
+
+def model_from_spec(spec: Mapping[str, Any]) -> nn.Module:
+  """Inverse of `model_spec`."""
+  classes = {cls.__name__: cls for cls, _ in MODELS.values()}
+  cls = classes.get(spec.get('class'))
+  if cls is None:
+    raise ValueError(f'Unknown model class {spec.get("class")!r} in the checkpoint; this version '
+                     f'of repmlp_jax knows {sorted(classes)}.')
+  settings = dict(spec['settings'])
+  settings = {k: (tuple(v) if isinstance(v, list) else v) for k, v in settings.items()}
+  settings['dtype'] = jnp.dtype(settings['dtype'])
+  if settings.get('precision') is not None:
+    settings['precision'] = jax.lax.Precision[settings['precision'].split('.')[-1]]
+  return cls(**settings)
+
+
+def example_input_size(model: nn.Module) -> int:
+  """The smallest square input side the model accepts (for shape inference)."""
+  return model.input_multiple

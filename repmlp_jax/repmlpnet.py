@@ -55,6 +55,17 @@ class RepMLPNet(nn.Module):
     """H and W must be multiples of this: every stage splits evenly into its windows."""
     return math.lcm(*(4 * 2**i * p for i, p in enumerate(self.partitions)))
 
+  def check_settings(self) -> None:
+    n = len(self.channels)
+    if not len(self.depths) == len(self.partitions) == len(self.sharesets) == n:
+      raise ValueError('channels, depths, partitions and sharesets need one entry per stage; got '
+                       f'{self.channels}, {self.depths}, {self.partitions}, {self.sharesets}.')
+    for i, (c, s) in enumerate(zip(self.channels, self.sharesets)):
+      if c % s:
+        raise ValueError(f'Stage {i}: channels ({c}) must be a multiple of sharesets ({s}).')
+    if any(k % 2 == 0 for k in self.reparam_conv_k):
+      raise ValueError(f'reparam_conv_k must hold odd kernel sizes; got {self.reparam_conv_k}.')
+
   def check_input(self, x: jax.Array) -> None:
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f'RepMLPNet takes NHWC images with 3 channels; got shape {x.shape}.')
@@ -78,6 +89,7 @@ class RepMLPNet(nn.Module):
       logits (N, num_classes), or with `return_features` a dict holding `stage_0` .. `stage_3`
       (NHWC output of each stage, before the next downsampling), `pre_logits` (N, C) and `logits`.
     """
+    self.check_settings()
     self.check_input(x)
     conv_bn = lambda *a, **k: layers.ConvBN(*a, deploy=self.deploy, dtype=self.dtype,
                                             precision=self.precision, **k)

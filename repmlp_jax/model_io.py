@@ -1,0 +1,86 @@
+"""Saving and loading a model with its variables: an orbax checkpoint plus the model's settings.
+
+One directory holds `variables` (orbax StandardSave of {'params', 'batch_stats'}) and `model`
+(JSON: class and every setting), written atomically by orbax (to a temporary name, then
+renamed), so an interrupted save never leaves a directory that looks complete. Used by the
+converter (imported weights), the trainer (the final deploy checkpoint, fine-tuning) and
+inference.
+"""
+
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from repmlp_jax import models
+
+
+def save_model(path: str | os.PathLike, model: nn.Module, variables: Any, *,
+               overwrite: bool = False) -> str:
+  """Writes `model`'s settings and `variables` to the directory `path`.
+
+  Args:
+    path: a directory that must not exist yet (unless `overwrite`).
+    model: the module the variables belong to (training or deploy form).
+    variables: {'params': ..., 'batch_stats': ...}.
+    overwrite: replace an existing checkpoint at `path`.
+  Returns:
+    The absolute path written.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f'{path} already exists; choose another output path or pass '
+                          'overwrite=True (--overwrite) to replace it.')
+  _check_variables(model, variables)
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    checkpointer.save(path, args=ocp.args.Composite(
+        model=ocp.args.JsonSave(models.model_spec(model)),
+        variables=ocp.args.StandardSave(variables)), force=overwrite)
+  return path
+
+
+def load_model(path: str | os.PathLike, *, sharding: jax.sharding.Sharding | None = None
+               ) -> tuple[nn.Module, Any]:
+  """Reads a directory written by `save_model`.
+
+  Args:
+    path: the checkpoint directory.
+    sharding: where to place every array (default: the first device).
+  Returns:
+    (model, variables).
+  """
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'No model checkpoint at {path}: expected a directory written by '
+                            'repmlp_jax.save_model, convert.py or train.py.')
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    try:
+      spec = checkpointer.restore(path, args=ocp.args.Composite(model=ocp.args.JsonRestore()))
+    except (FileNotFoundError, ValueError, KeyError) as e:
+      raise ValueError(f'{path} is not a repmlp_jax model checkpoint (no readable model '
+                       f'settings): {e}') from e
+    model = models.model_from_spec(spec['model'])
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                            abstract_variables(model))
+    restored = checkpointer.restore(path, args=ocp.args.Composite(
+        variables=ocp.args.StandardRestore(abstract)))
+  return model, restored['variables']
+
+
+def abstract_variables(model: nn.Module) -> Any:
+  """Shapes and dtypes of `model`'s variables, without computing anything."""
+  size = models.example_input_size(model)
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  return jax.eval_shape(model.init, jax.random.key(0), x)
+
+
+def _check_variables(model: nn.Module, variables: Any) -> None:
+  expected = jax.tree_util.tree_structure(abstract_variables(model))
+  got = jax.tree_util.tree_structure(variables)
+  if expected != got:
+    raise ValueError(f'The variables do not belong to this {type(model).__name__} '
+                     f'(deploy={getattr(model, "deploy", None)}): tree structures differ.')
