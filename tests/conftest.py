@@ -1,4 +1,4 @@
-"""Test setup: eight simulated CPU devices (sharding tests), and shared helpers as fixtures."""
+"""Test setup: eight simulated CPU devices, so that sharding is tested on one machine."""
 
 import os
 
@@ -7,48 +7,3 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import jax  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-
-def randomize_batch_norm(variables, seed: int = 0):
-  """Every BatchNorm far from identity: scale ~ U(0.5, 1.5), bias and mean ~ N(0, 0.3), var ~ U(0.5, 2).
-
-  Without this, fused BNs are near-identity maps and a broken fusion can go unnoticed.
-  """
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = jax.tree_util.keystr(path)
-    is_bn = 'batch_stats' in name or any(
-        k in name for k in ("'bn'", 'prebn', 'norm', 'fc3_bn', "'bn1'", "'bn2'", "'bn3'"))
-    if not is_bn or leaf.ndim != 1:
-      return leaf
-    last = name.rsplit("'", 2)[-2]
-    if last == 'var':
-      value = rng.uniform(0.5, 2.0, leaf.shape)
-    elif last == 'scale':
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    elif last in ('bias', 'mean'):
-      value = rng.normal(0.0, 0.3, leaf.shape)
-    else:
-      return leaf
-    return jax.numpy.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, variables)
-
-
-def relative_error(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / np.abs(a).max())
-
-
-@pytest.fixture
-def randomize_bn():
-  return randomize_batch_norm
-
-
-@pytest.fixture
-def rel_err():
-  return relative_error

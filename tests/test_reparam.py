@@ -12,6 +12,7 @@ import repmlp_jax
 from repmlp_jax import layers
 from repmlp_jax import model_io
 from repmlp_jax import reparameterize as rp
+from tests import helpers
 
 TINY = '_RepMLPNet-Tiny'
 
@@ -84,8 +85,7 @@ def _tiny_variables(model, seed=0, dtype=jnp.float32):
 
 
 def _randomize(variables, seed):
-  from conftest import randomize_batch_norm
-  return randomize_batch_norm(variables, seed)
+  return helpers.randomize_batch_norm(variables, seed)
 
 
 def test_deploy_model_init_matches_reparam_structure():
@@ -101,14 +101,14 @@ def test_deploy_model_init_matches_reparam_structure():
   assert 'bn' not in expected['params']['conv_embedding']
 
 
-def test_reparam_equivalence_float32(rel_err):
+def test_reparam_equivalence_float32():
   model = repmlp_jax.create_model(TINY, num_classes=10)
   x, variables = _tiny_variables(model)
   deploy_model, deploy_vars = repmlp_jax.reparam(model, variables)
-  assert rel_err(model.apply(variables, x), deploy_model.apply(deploy_vars, x)) <= 1e-5
+  assert helpers.relative_error(model.apply(variables, x), deploy_model.apply(deploy_vars, x)) <= 1e-5
 
 
-def test_reparam_equivalence_float64(rel_err):
+def test_reparam_equivalence_float64():
   with jax.enable_x64(True):
     model = repmlp_jax.create_model(TINY, num_classes=10, dtype=jnp.float64,
                                     reparam_conv_k=(1, 3, 5))
@@ -117,19 +117,19 @@ def test_reparam_equivalence_float64(rel_err):
     y_train = jax.jit(model.apply)(variables, x)
     y_deploy = jax.jit(deploy_model.apply)(deploy_vars, x)
     assert y_train.dtype == jnp.float64
-    assert rel_err(y_train, y_deploy) <= 1e-10
+    assert helpers.relative_error(y_train, y_deploy) <= 1e-10
 
 
-def test_reparam_equivalence_b224_at_224(rel_err):
+def test_reparam_equivalence_b224_at_224():
   model = repmlp_jax.create_model('b224')
   x = jax.random.normal(jax.random.key(1), (1, 224, 224, 3))
   variables = _randomize(model.init(jax.random.key(0), x), 5)
   deploy_model, deploy_vars = repmlp_jax.reparam(model, variables)
   apply = lambda m: jax.jit(functools.partial(m.apply, train=False))
-  assert rel_err(apply(model)(variables, x), apply(deploy_model)(deploy_vars, x)) <= 1e-5
+  assert helpers.relative_error(apply(model)(variables, x), apply(deploy_model)(deploy_vars, x)) <= 1e-5
 
 
-def test_reparam_is_pure_and_jittable(rel_err):
+def test_reparam_is_pure_and_jittable():
   model = repmlp_jax.create_model(TINY, num_classes=10)
   x, variables = _tiny_variables(model, seed=7)
   snapshot = jax.tree.map(np.array, variables)
@@ -138,7 +138,7 @@ def test_reparam_is_pure_and_jittable(rel_err):
   jax.tree.map(np.testing.assert_array_equal, snapshot, variables)  # input untouched
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), eager, jitted)
   deploy_model = model.clone(deploy=True)
-  assert rel_err(model.apply(variables, x), deploy_model.apply(jitted, x)) <= 1e-5
+  assert helpers.relative_error(model.apply(variables, x), deploy_model.apply(jitted, x)) <= 1e-5
 
 
 def test_reparam_refuses_a_deploy_model():

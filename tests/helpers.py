@@ -1,0 +1,36 @@
+"""Helpers shared by the tests."""
+
+import jax
+import numpy as np
+
+
+def randomize_batch_norm(variables, seed: int = 0):
+  """Every BatchNorm far from identity: scale ~ U(0.5, 1.5), bias and mean ~ N(0, 0.3), var ~ U(0.5, 2).
+
+  Without this, fused BNs are near-identity maps and a broken fusion can go unnoticed.
+  """
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = jax.tree_util.keystr(path)
+    is_bn = 'batch_stats' in name or any(
+        k in name for k in ("'bn'", 'prebn', 'norm', 'fc3_bn', "'bn1'", "'bn2'", "'bn3'"))
+    if not is_bn or leaf.ndim != 1:
+      return leaf
+    last = name.rsplit("'", 2)[-2]
+    if last == 'var':
+      value = rng.uniform(0.5, 2.0, leaf.shape)
+    elif last == 'scale':
+      value = rng.uniform(0.5, 1.5, leaf.shape)
+    elif last in ('bias', 'mean'):
+      value = rng.normal(0.0, 0.3, leaf.shape)
+    else:
+      return leaf
+    return jax.numpy.asarray(value, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, variables)
+
+
+def relative_error(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.abs(a - b).max() / np.abs(a).max())
