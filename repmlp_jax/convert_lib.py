@@ -10,7 +10,6 @@ from typing import Any
 import flax.linen as nn
 
 from repmlp_jax import model_io
-from repmlp_jax import reparameterize
 from repmlp_jax import torch_export
 from repmlp_jax import torch_import
 
@@ -47,6 +46,9 @@ def import_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
   Returns:
     Lines describing what was read and written.
   """
+  if deploy and reparam_dir is not None:
+    raise ValueError('--deploy writes the deploy form to OUT_DIR; --reparam DEPLOY_DIR writes it '
+                     'next to the training form. Use one of them.')
   out_dir = _check_new_output(out_dir, overwrite)
   if reparam_dir is not None:
     reparam_dir = _check_new_output(reparam_dir, overwrite)
@@ -58,7 +60,7 @@ def import_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
   model_io.save_model(out_dir, result.model, result.variables, overwrite=overwrite)
   lines.append(f'wrote {_form(result.model)} form: {out_dir}')
   if reparam_dir is not None:
-    deploy_model, deploy_variables = reparameterize.reparam(result.model, result.variables)
+    deploy_model, deploy_variables = torch_import.reparam_compiled(result.model, result.variables)
     model_io.save_model(reparam_dir, deploy_model, deploy_variables, overwrite=overwrite)
     lines.append(f'wrote deploy form: {reparam_dir}')
   return lines
@@ -92,7 +94,7 @@ def reparam_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
   model, variables, lines = _load_any(src, name, use_ema)
   if model.deploy:
     raise ValueError(f'{src} already holds the deploy form; nothing to re-parameterize.')
-  deploy_model, deploy_variables = reparameterize.reparam(model, variables)
+  deploy_model, deploy_variables = torch_import.reparam_compiled(model, variables)
   model_io.save_model(out_dir, deploy_model, deploy_variables, overwrite=overwrite)
   return lines + [f'wrote deploy form: {out_dir}']
 
