@@ -5,8 +5,9 @@ tensors, containers and nothing else. Training checkpoints of the authors also p
 `CfgNode` (the run's config), which that unpickler refuses. Instead of falling back to unrestricted
 unpickling (which runs whatever code the file names), every class the file names is replaced by an
 inert stand-in: it is rebuilt as plain data (its dict items and attribute state are recorded, none
-of its code runs). A file that asks to *call* anything beyond torch's tensor-rebuild functions
-(e.g. `os.system`, `builtins.eval`) is refused before the call happens. Both torch serialization
+of its code runs). A file that asks to *call* anything beyond torch's tensor rebuilders and
+numpy's array / scalar / dtype rebuilders (e.g. `os.system`, `builtins.eval`) is refused before
+the call happens. Both torch serialization
 formats are handled: the zip format (torch >= 1.6) and the legacy one
 (`_use_new_zipfile_serialization=False`, older mmpretrain / mmcls files).
 
@@ -107,6 +108,25 @@ def _inert_class(full_name: str) -> type:
   return _RefuseCalls(full_name.rsplit('.', 1)[-1], (InertObject,), {'pickle_name': full_name})
 
 
+def _numpy_globals() -> dict[str, Any]:
+  """numpy's own rebuilders of arrays, scalars and dtypes (metadata such as accuracies, message
+  hubs): they build data and call nothing else, like torch's tensor rebuilders."""
+  try:
+    from numpy._core import multiarray  # pylint: disable=g-import-not-at-top
+  except ImportError:  # numpy < 2
+    from numpy.core import multiarray  # pylint: disable=g-import-not-at-top
+  table = {'numpy.dtype': np.dtype, 'numpy.ndarray': np.ndarray}
+  for package in ('numpy._core', 'numpy.core'):  # Files written under numpy 2 or 1.
+    table[f'{package}.multiarray.scalar'] = multiarray.scalar
+    table[f'{package}.multiarray._reconstruct'] = multiarray._reconstruct  # pylint: disable=protected-access
+  # A dtype is rebuilt as numpy.dtype(...) then given its state, which needs its class.
+  for name in dir(np.dtypes):
+    cls = getattr(np.dtypes, name)
+    if isinstance(cls, type) and issubclass(cls, np.dtype):
+      table[f'numpy.dtypes.{name}'] = cls
+  return table
+
+
 def _file_format(path: str) -> str:
   with open(path, 'rb') as f:
     head = f.read(len(_LEGACY_HEADER))
@@ -179,10 +199,12 @@ def load_file(path: str | os.PathLike) -> tuple[Any, str]:
   fmt = _file_format(path)
   names = _globals_in_file(path, fmt)
   # torch's own allow-list (tensor rebuild functions, OrderedDict, dtypes...) takes precedence;
-  # every other name becomes an inert stand-in.
-  stand_ins = [(_inert_class(n), n) for n in sorted(names)]
+  # numpy's data rebuilders are allowed; every other name becomes an inert stand-in.
+  numpy_globals = _numpy_globals()
+  allowed = [(obj, n) for n, obj in numpy_globals.items()]
+  allowed += [(_inert_class(n), n) for n in sorted(names) if n not in numpy_globals]
   try:
-    with torch.serialization.safe_globals(stand_ins):
+    with torch.serialization.safe_globals(allowed):
       obj = torch.load(path, map_location='cpu', weights_only=True)
   except UnsafeCheckpointError:
     raise

@@ -91,6 +91,16 @@ def test_mmpretrain_file(tmp_path, zip_format):
   assert read.entry == "'state_dict'" and read.other_entries == ('meta',)
 
 
+def test_numpy_metadata_is_read(tmp_path):
+  meta = {'max_accuracy': np.float64(80.32), 'history': np.arange(4.0), 'dtype': np.dtype('f4')}
+  path = _save({'model': SD, 'meta': meta}, tmp_path / 'np.pth')
+  obj, _ = torch_files.load_file(path)
+  assert obj['meta']['max_accuracy'] == meta['max_accuracy']
+  np.testing.assert_array_equal(obj['meta']['history'], meta['history'])
+  assert obj['meta']['dtype'] == np.float32
+  _assert_same(torch_files.read_torch_checkpoint(path).state_dict)
+
+
 def test_bfloat16_becomes_float32(tmp_path):
   sd = {'w': torch.randn(3, 2).to(torch.bfloat16)}
   read = torch_files.read_torch_checkpoint(_save(sd, tmp_path / 'bf16.pth'))
