@@ -96,6 +96,10 @@ def test_errors_write_nothing(tmp_path, training_file, capsys):
   cut.write_bytes(training_file.read_bytes()[:4096])
   assert convert.main(['import', str(cut), str(tmp_path / 'c')]) == 1
   assert 'truncated' in capsys.readouterr().err
+  # Contradictory flags.
+  assert convert.main(['import', str(training_file), str(tmp_path / 'd'), '--deploy', '--reparam',
+                       str(tmp_path / 'e')]) == 1
+  assert 'Use one of them' in capsys.readouterr().err
   # An existing output is never replaced.
   (tmp_path / 'taken').mkdir()
   assert convert.main(['import', str(training_file), str(tmp_path / 'taken')]) == 1
