@@ -118,7 +118,8 @@ def _numpy_globals() -> dict[str, Any]:
   table = {'numpy.dtype': np.dtype, 'numpy.ndarray': np.ndarray}
   for package in ('numpy._core', 'numpy.core'):  # Files written under numpy 2 or 1.
     table[f'{package}.multiarray.scalar'] = multiarray.scalar
-    table[f'{package}.multiarray._reconstruct'] = multiarray._reconstruct  # pylint: disable=protected-access
+    reconstruct = multiarray._reconstruct  # pylint: disable=protected-access
+    table[f'{package}.multiarray._reconstruct'] = reconstruct
   # A dtype is rebuilt as numpy.dtype(...) then given its state, which needs its class.
   for name in dir(np.dtypes):
     cls = getattr(np.dtypes, name)

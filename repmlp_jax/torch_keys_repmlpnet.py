@@ -92,7 +92,8 @@ class _Group:
 def _groups(model: repmlpnet.RepMLPNet) -> list[_Group]:
   """Every layer of `model`, in the official state_dict order."""
   deploy, channels = model.deploy, tuple(model.channels)
-  groups = [_Group('conv_bn', 'conv_embedding', ('conv_embedding',), (channels[0], 3, 4, 4), deploy)]
+  stem = (channels[0], 3, 4, 4)
+  groups = [_Group('conv_bn', 'conv_embedding', ('conv_embedding',), stem, deploy)]
   for s, (c, depth, p, shareset) in enumerate(
       zip(channels, model.depths, model.partitions, model.sharesets)):
     hidden, hw = layers.make_divisible(c // 4, model.gp_hidden_divisor), p * p

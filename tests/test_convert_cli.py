@@ -1,4 +1,4 @@
-"""convert.py end to end through main(argv): import, reparam, export, and errors that write nothing."""
+"""convert.py end to end through main(argv): import, reparam, export; errors that write nothing."""
 
 import os
 

@@ -1,4 +1,4 @@
-"""Export to PyTorch: exact round trip, the official deploy model loads our deploy form, no torch."""
+"""Export to PyTorch: exact round trip; official deploy model loads our deploy form; no torch."""
 
 import importlib
 import sys
