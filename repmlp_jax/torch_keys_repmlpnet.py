@@ -382,9 +382,8 @@ def detect(state_dict: Mapping[str, np.ndarray]) -> tuple[str | None, dict[str, 
     raise DetectionError(f'Inconsistent FFN widths across stages (expansions {sorted(expand)}).')
   kernels = OFFICIAL_KERNELS
   if not deploy:
-    found = re.findall(r'^stages\.0\.0\.repmlp_block\.repconv(\d+)\.conv\.weight$',
-                       '\n'.join(state_dict), flags=re.M)
-    kernels = tuple(int(k) for k in found)
+    branch = re.compile(r'stages\.0\.0\.repmlp_block\.repconv(\d+)\.conv\.weight')
+    kernels = tuple(int(m.group(1)) for m in map(branch.fullmatch, state_dict) if m)
   divisor = _gp_divisor(channels, gp_hidden)
   settings = dict(channels=tuple(channels), depths=tuple(depths), partitions=tuple(partitions),
                   sharesets=tuple(sharesets), reparam_conv_k=kernels)

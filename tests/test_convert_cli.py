@@ -42,11 +42,10 @@ def test_import_with_reparam_then_export(tmp_path, torch_model, training_file, c
   expected = tc.torch_logits(torch_model, x)
   model, variables = model_io.load_model(out)
   assert not model.deploy
-  tc.assert_logits_match(expected, tc.flax_logits(model, variables, x, tc.jit_apply(model)))
+  tc.assert_logits_match(expected, tc.flax_logits(model, variables, x))
   deploy_model, deploy_variables = model_io.load_model(deploy_out)
   assert deploy_model.deploy
-  deploy_apply = tc.jit_apply(deploy_model)
-  tc.assert_logits_match(expected, tc.flax_logits(deploy_model, deploy_variables, x, deploy_apply))
+  tc.assert_logits_match(expected, tc.flax_logits(deploy_model, deploy_variables, x))
 
   # Back to PyTorch: both forms load into the authors' models.
   assert convert.main(['export', str(out), str(tmp_path / 'train.pth')]) == 0
@@ -63,7 +62,7 @@ def test_import_with_reparam_then_export(tmp_path, torch_model, training_file, c
   again_model, again_variables = model_io.load_model(tmp_path / 'again')
   assert again_model == deploy_model
   tc.assert_logits_match(expected,
-                         tc.flax_logits(again_model, again_variables, x, deploy_apply))
+                         tc.flax_logits(again_model, again_variables, x))
 
 
 def test_reparam_tool_on_a_pytorch_file(tmp_path, torch_model, training_file):
@@ -73,7 +72,7 @@ def test_reparam_tool_on_a_pytorch_file(tmp_path, torch_model, training_file):
   assert model.deploy
   x = tc.images()
   tc.assert_logits_match(tc.torch_logits(torch_model, x),
-                         tc.flax_logits(model, variables, x, tc.jit_apply(model)))
+                         tc.flax_logits(model, variables, x))
   # A deploy-form input has nothing left to re-parameterize: refused, nothing written.
   code = convert.main(['reparam', str(out), str(tmp_path / 'twice')])
   assert code == 1 and not (tmp_path / 'twice').exists()

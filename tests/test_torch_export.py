@@ -67,7 +67,7 @@ def test_variables_trained_here_export_to_the_authors_layout():
   official = tr.create_repmlpnet_custom(**tc.TINY, num_classes=tc.TINY_CLASSES)
   official.load_state_dict(repmlp_jax.to_torch_state_dict(model, variables), strict=True)
   x = tc.images()
-  tc.assert_logits_match(tc.flax_logits(model, variables, x, tc.jit_apply(model)),
+  tc.assert_logits_match(tc.flax_logits(model, variables, x),
                          tc.torch_logits(official.eval(), x))
 
 

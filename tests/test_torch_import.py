@@ -19,20 +19,10 @@ from repmlp_jax.models import create_model
 from tests import torch_checkpoints as tc
 from tests import torch_reference as tr
 
-_APPLY = {}
-
-
-def _apply_for(model):
-  """One jitted apply per distinct model, shared by the tests of this module."""
-  key = repr(model)
-  if key not in _APPLY:
-    _APPLY[key] = tc.jit_apply(model)
-  return _APPLY[key]
-
 
 def _check_golden(model, variables, torch_model, x):
   tc.assert_logits_match(tc.torch_logits(torch_model, x),
-                         tc.flax_logits(model, variables, x, _apply_for(model)))
+                         tc.flax_logits(model, variables, x))
 
 
 def _write(layout, torch_model, path, monkeypatch):
@@ -186,8 +176,7 @@ def test_b224_golden(tmp_path):
   torch.save(torch_model.state_dict(), official)
   model, variables = repmlp_jax.load_torch(official)
   assert model == create_model('RepMLPNet-B224')
-  apply_fn = tc.jit_apply(model)
-  tc.assert_logits_match(expected, tc.flax_logits(model, variables, x, apply_fn))
+  tc.assert_logits_match(expected, tc.flax_logits(model, variables, x))
   del variables
   official.unlink()
 
@@ -196,7 +185,7 @@ def test_b224_golden(tmp_path):
               'meta': {'epoch': 300}}, mm)
   mm_model, mm_variables = repmlp_jax.load_torch(mm)
   assert mm_model == model
-  tc.assert_logits_match(expected, tc.flax_logits(mm_model, mm_variables, x, apply_fn))
+  tc.assert_logits_match(expected, tc.flax_logits(mm_model, mm_variables, x))
   del mm_variables
   mm.unlink()
 

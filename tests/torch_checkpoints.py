@@ -41,11 +41,10 @@ def torch_logits(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
     return model(x).numpy()
 
 
-def flax_logits(model, variables, x: torch.Tensor, apply_fn=None) -> np.ndarray:
-  """Eval-mode logits of the Flax model on the NCHW torch images."""
+def flax_logits(model, variables, x: torch.Tensor) -> np.ndarray:
+  """Eval-mode logits of the Flax model (jitted) on the NCHW torch images."""
   x = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
-  apply_fn = apply_fn or model.apply
-  return np.asarray(apply_fn(variables, x))
+  return np.asarray(jit_apply(model)(variables, x))
 
 
 def assert_logits_match(expected: np.ndarray, actual: np.ndarray) -> None:
@@ -95,6 +94,12 @@ def training_checkpoint(state_dict, config, **extra):
           'max_accuracy': 80.32, 'epoch': 99, 'config': config, **extra}
 
 
+_JITTED = {}
+
+
 def jit_apply(model):
-  """A jitted eval-mode apply for `model` (reused across checkpoints of the same model)."""
-  return jax.jit(lambda variables, x: model.apply(variables, x))
+  """A jitted eval-mode apply for `model`, compiled once per distinct model in a test process."""
+  key = repr(model)  # Every setting of the module.
+  if key not in _JITTED:
+    _JITTED[key] = jax.jit(lambda variables, x: model.apply(variables, x))
+  return _JITTED[key]
