@@ -18,6 +18,7 @@ import numpy as np
 from repmlp_jax import models
 from repmlp_jax import reparameterize
 from repmlp_jax import repmlpnet
+from repmlp_jax import state_dict_mapping
 from repmlp_jax import torch_files
 from repmlp_jax import torch_keys_repmlpnet as repmlpnet_keys
 
@@ -64,22 +65,34 @@ def _read(path_or_state_dict: Any, use_ema: bool) -> torch_files.TorchFile:
   return torch_files.read_torch_checkpoint(path_or_state_dict, use_ema=use_ema)
 
 
-def _repmlpnet_for(sd: Mapping[str, np.ndarray], name: str | None) -> tuple[nn.Module, str | None]:
-  """The RepMLPNet the state_dict is for: detected, or `name` with the file's head and form."""
+def _detected_model(found: str | None, overrides: dict[str, Any], deploy: bool) -> nn.Module:
+  if found is None:
+    return repmlpnet.RepMLPNet(**overrides, deploy=deploy)
+  return models.create_model(found, deploy=deploy, **overrides)
+
+
+def _repmlpnet_for(sd: Mapping[str, np.ndarray], name: str | None
+                   ) -> tuple[nn.Module, str | None, nn.Module | None]:
+  """The RepMLPNet the state_dict is for: detected, or `name` with the file's head and form.
+
+  Returns:
+    (model, its official name or None, the detected model when `name` was given and detection
+    worked, for error messages).
+  """
   if name is None:
     found, overrides, deploy = repmlpnet_keys.detect(sd)
-    if found is None:
-      return repmlpnet.RepMLPNet(**overrides, deploy=deploy), None
-    return models.create_model(found, deploy=deploy, **overrides), found
+    return _detected_model(found, overrides, deploy), found, None
   name = models.resolve_name(name)
   try:
-    _, overrides, deploy = repmlpnet_keys.detect(sd)
+    found, overrides, deploy = repmlpnet_keys.detect(sd)
+    detected = _detected_model(found, overrides, deploy)
     overrides = {k: overrides[k] for k in ('num_classes', 'gp_hidden_divisor') if k in overrides}
   except repmlpnet_keys.DetectionError:
     # The check of every key against the named model reports what is wrong in full.
+    detected = None
     deploy = any(k.endswith('.fc3.bias') for k in sd)
     overrides = {'num_classes': np.shape(sd['head.weight'])[0]} if 'head.weight' in sd else {}
-  return models.create_model(name, deploy=deploy, **overrides), name
+  return models.create_model(name, deploy=deploy, **overrides), name, detected
 
 
 def import_torch(path_or_state_dict: Any, name: str | None = None, *, deploy: bool | None = None,
@@ -90,11 +103,19 @@ def import_torch(path_or_state_dict: Any, name: str | None = None, *, deploy: bo
   if repmlpnet_keys.is_mmpretrain(sd):
     sd, layout = repmlpnet_keys.from_mmpretrain(sd), 'mmpretrain'
   # One model family today; another would be told apart by its keys here.
-  model, found = _repmlpnet_for(sd, name)
+  model, found, detected = _repmlpnet_for(sd, name)
   if deploy is False and model.deploy:
     raise ValueError('The checkpoint holds the deploy form, which cannot be turned back into the '
                      'training form; load it with deploy=None or deploy=True.')
-  variables = jax.tree.map(jax.numpy.asarray, repmlpnet_keys.variables_from_torch(sd, model))
+  try:
+    variables = repmlpnet_keys.variables_from_torch(sd, model)
+  except state_dict_mapping.KeyMismatchError as e:
+    if detected is None or detected == model:
+      raise
+    hint = (f'{repmlpnet_keys.describe(model)}; the file\'s shapes are those of '
+            f'{repmlpnet_keys.describe(detected)}, which loads without a name (--model)')
+    raise state_dict_mapping.KeyMismatchError(hint, e.missing, e.unexpected, e.misshaped) from None
+  variables = jax.tree.map(jax.numpy.asarray, variables)
   result = TorchImport(model, variables, found, model.deploy, layout, file, False)
   if deploy and not model.deploy:
     result.model, result.variables = reparam_compiled(model, variables)
