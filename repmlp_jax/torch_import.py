@@ -54,8 +54,8 @@ def reparam_compiled(model: nn.Module, variables: Any) -> tuple[nn.Module, Any]:
 
 
 def _read(path_or_state_dict: Any, use_ema: bool) -> torch_files.TorchFile:
-  # A state_dict of numpy arrays needs no torch.
-  if isinstance(path_or_state_dict, Mapping) and path_or_state_dict and all(
+  # A state_dict of numpy arrays needs no torch (nor has EMA entries to choose from).
+  if not use_ema and isinstance(path_or_state_dict, Mapping) and path_or_state_dict and all(
       isinstance(v, np.ndarray) for v in path_or_state_dict.values()):
     sd, prefix = torch_files.strip_prefix(path_or_state_dict)
     return torch_files.TorchFile(sd, '<state_dict>', 'in-memory', 'top level', prefix, (), ())
