@@ -1,0 +1,122 @@
+"""The conversions behind convert.py: import, reparameterize, export.
+
+Each function checks its output path before any heavy work, writes nothing when something is
+wrong, and returns the lines it has to tell the user (convert.py prints them).
+"""
+
+import os
+from typing import Any
+
+import flax.linen as nn
+
+from repmlp_jax import model_io
+from repmlp_jax import torch_export
+from repmlp_jax import torch_import
+
+
+def _check_new_output(path: str | os.PathLike, overwrite: bool = False) -> str:
+  path = os.path.abspath(os.fspath(path))
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f'{path} already exists; choose another output path'
+                          + (' or pass --overwrite.' if os.path.isdir(path) else '.'))
+  parent = os.path.dirname(path)
+  if not os.path.isdir(parent):
+    raise FileNotFoundError(f'The output directory {parent} does not exist.')
+  return path
+
+
+def _form(model: nn.Module) -> str:
+  return 'deploy' if model.deploy else 'training'
+
+
+def import_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
+                      name: str | None = None, deploy: bool = False, use_ema: bool = False,
+                      reparam_dir: str | os.PathLike | None = None,
+                      overwrite: bool = False) -> list[str]:
+  """PyTorch checkpoint -> orbax checkpoint(s) of the Flax model.
+
+  Args:
+    src: the .pth file (official or mmpretrain; training or deploy form).
+    out_dir: the checkpoint directory to write: the file's form, or the deploy form with `deploy`.
+    name: the variant; None detects it.
+    deploy: write the deploy form to `out_dir` (re-parameterizing a training-form file).
+    use_ema: take the file's EMA weights.
+    reparam_dir: also write the deploy form there (training-form files).
+    overwrite: replace existing output directories.
+  Returns:
+    Lines describing what was read and written.
+  """
+  if deploy and reparam_dir is not None:
+    raise ValueError('--deploy writes the deploy form to OUT_DIR; --reparam DEPLOY_DIR writes it '
+                     'next to the training form. Use one of them.')
+  out_dir = _check_new_output(out_dir, overwrite)
+  if reparam_dir is not None:
+    reparam_dir = _check_new_output(reparam_dir, overwrite)
+  result = torch_import.import_torch(src, name, deploy=True if deploy else None, use_ema=use_ema)
+  if reparam_dir is not None and result.file_deploy:
+    raise ValueError('The file already holds the deploy form; drop --reparam (the import '
+                     'output is the deploy form).')
+  lines = result.describe().splitlines()
+  model_io.save_model(out_dir, result.model, result.variables, overwrite=overwrite)
+  lines.append(f'wrote {_form(result.model)} form: {out_dir}')
+  if reparam_dir is not None:
+    deploy_model, deploy_variables = torch_import.reparam_compiled(result.model, result.variables)
+    model_io.save_model(reparam_dir, deploy_model, deploy_variables, overwrite=overwrite)
+    lines.append(f'wrote deploy form: {reparam_dir}')
+  return lines
+
+
+def _load_any(src: str | os.PathLike, name: str | None, use_ema: bool) -> tuple[nn.Module, Any,
+                                                                                list[str]]:
+  """An orbax checkpoint directory (ours) or a PyTorch file."""
+  if os.path.isdir(src):
+    model, variables = model_io.load_model(src)
+    return model, variables, [f'read {_form(model)} form: {os.path.abspath(src)}']
+  result = torch_import.import_torch(src, name, use_ema=use_ema)
+  return result.model, result.variables, result.describe().splitlines()
+
+
+def reparam_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
+                       name: str | None = None, use_ema: bool = False,
+                       overwrite: bool = False) -> list[str]:
+  """Training-form checkpoint (ours, or a PyTorch file) -> deploy-form orbax checkpoint.
+
+  Args:
+    src: an orbax checkpoint directory written by this package, or a .pth file.
+    out_dir: the deploy-form checkpoint directory to write.
+    name: the variant of a PyTorch file; None detects it.
+    use_ema: take a PyTorch file's EMA weights.
+    overwrite: replace an existing output directory.
+  Returns:
+    Lines describing what was read and written.
+  """
+  out_dir = _check_new_output(out_dir, overwrite)
+  model, variables, lines = _load_any(src, name, use_ema)
+  if model.deploy:
+    raise ValueError(f'{src} already holds the deploy form; nothing to re-parameterize.')
+  deploy_model, deploy_variables = torch_import.reparam_compiled(model, variables)
+  model_io.save_model(out_dir, deploy_model, deploy_variables, overwrite=overwrite)
+  return lines + [f'wrote deploy form: {out_dir}']
+
+
+def export_checkpoint(src_dir: str | os.PathLike, out_file: str | os.PathLike, *,
+                      layout: str = 'official') -> list[str]:
+  """Orbax checkpoint of this package -> PyTorch .pth file.
+
+  Args:
+    src_dir: a checkpoint directory written by this package (training or deploy form).
+    out_file: the .pth file to create (never overwritten).
+    layout: 'official' (a raw state_dict the authors' model loads) or 'mmpretrain'.
+  Returns:
+    Lines describing what was read and written.
+  """
+  out_file = _check_new_output(out_file)
+  if layout not in torch_export.LAYOUTS:
+    raise ValueError(f'Unknown layout {layout!r}; choose one of {torch_export.LAYOUTS}.')
+  model, variables = model_io.load_model(src_dir)
+  torch_export.save_torch(out_file, model, variables, layout=layout)
+  what = {'official': 'the authors\' RepMLPNet', 'mmpretrain': 'mmpretrain\'s RepMLPNet'}[layout]
+  if model.deploy:
+    what += ' in deploy form'
+  return [f'read {_form(model)} form: {os.path.abspath(src_dir)}',
+          f'wrote {layout} state_dict: {out_file} (loads into {what})']

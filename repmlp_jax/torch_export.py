@@ -1,0 +1,82 @@
+"""Export to PyTorch: Flax variables -> the official RepMLPNet state_dict, as tensors or a file.
+
+A training-form model gives the authors' training layout (their `RepMLPNet` loads it strictly);
+a deploy-form model gives a state_dict that the official deploy model (`deploy=True`) loads
+strictly and that computes the same logits. `layout='mmpretrain'` writes mmpretrain's key names
+instead, wrapped as {'state_dict': ..., 'meta': {...}} in a file.
+"""
+
+import collections
+import os
+import tempfile
+from typing import Any
+
+import flax.linen as nn
+
+from repmlp_jax import repmlpnet
+from repmlp_jax import torch_files
+from repmlp_jax import torch_keys_repmlpnet as repmlpnet_keys
+
+LAYOUTS = ('official', 'mmpretrain')
+
+
+def to_torch_state_dict(model: nn.Module, variables: Any, *,
+                        layout: str = 'official') -> 'collections.OrderedDict[str, Any]':
+  """The PyTorch state_dict of `model`'s variables.
+
+  Args:
+    model: a RepMLPNet (training or deploy form).
+    variables: its {'params', 'batch_stats'}.
+    layout: 'official' (the authors' key names and order) or 'mmpretrain'.
+  Returns:
+    An OrderedDict of CPU torch tensors (num_batches_tracked = 0).
+  """
+  torch = torch_files.require_torch()
+  if layout not in LAYOUTS:
+    raise ValueError(f'Unknown layout {layout!r}; choose one of {LAYOUTS}.')
+  if not isinstance(model, repmlpnet.RepMLPNet):
+    raise TypeError(f'No PyTorch key mapping is defined for {type(model).__name__}.')
+  arrays = repmlpnet_keys.variables_to_torch(variables, model)
+  if layout == 'mmpretrain':
+    arrays = repmlpnet_keys.to_mmpretrain(arrays)
+  return collections.OrderedDict((k, torch.from_numpy(v.copy())) for k, v in arrays.items())
+
+
+def save_torch(path: str | os.PathLike, model: nn.Module, variables: Any, *,
+               layout: str = 'official') -> str:
+  """Writes `to_torch_state_dict(model, variables)` with torch.save; never overwrites.
+
+  The official layout is a raw state_dict (like the released files); mmpretrain's is
+  {'state_dict': ..., 'meta': {}}. The file is written under a temporary name in the same
+  directory and renamed when complete, so an interrupted export leaves no partial file.
+
+  Args:
+    path: the .pth file to create; must not exist.
+    model, variables: as for `to_torch_state_dict`.
+    layout: 'official' or 'mmpretrain'.
+  Returns:
+    The absolute path written.
+  """
+  torch = torch_files.require_torch()
+  path = os.path.abspath(os.fspath(path))
+  if os.path.exists(path):
+    raise FileExistsError(f'{path} already exists; choose another output file.')
+  directory = os.path.dirname(path)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'The output directory {directory} does not exist.')
+  sd = to_torch_state_dict(model, variables, layout=layout)
+  obj = sd if layout == 'official' else {'state_dict': sd, 'meta': {}}
+  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp',
+                             dir=directory)
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      torch.save(obj, f)
+    if os.path.exists(path):  # Appeared while writing: keep it.
+      raise FileExistsError(f'{path} was created by someone else during the export; not '
+                            'overwritten.')
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return path
