@@ -10,6 +10,7 @@ from typing import Any
 import flax.linen as nn
 
 from repmlp_jax import model_io
+from repmlp_jax import reparameterize
 from repmlp_jax import torch_export
 from repmlp_jax import torch_import
 
@@ -60,7 +61,7 @@ def import_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
   model_io.save_model(out_dir, result.model, result.variables, overwrite=overwrite)
   lines.append(f'wrote {_form(result.model)} form: {out_dir}')
   if reparam_dir is not None:
-    deploy_model, deploy_variables = torch_import.reparam_compiled(result.model, result.variables)
+    deploy_model, deploy_variables = reparameterize.reparam(result.model, result.variables)
     model_io.save_model(reparam_dir, deploy_model, deploy_variables, overwrite=overwrite)
     lines.append(f'wrote deploy form: {reparam_dir}')
   return lines
@@ -94,7 +95,7 @@ def reparam_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
   model, variables, lines = _load_any(src, name, use_ema)
   if model.deploy:
     raise ValueError(f'{src} already holds the deploy form; nothing to re-parameterize.')
-  deploy_model, deploy_variables = torch_import.reparam_compiled(model, variables)
+  deploy_model, deploy_variables = reparameterize.reparam(model, variables)
   model_io.save_model(out_dir, deploy_model, deploy_variables, overwrite=overwrite)
   return lines + [f'wrote deploy form: {out_dir}']
 

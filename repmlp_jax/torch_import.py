@@ -47,12 +47,6 @@ class TorchImport:
     return '\n'.join(lines)
 
 
-def reparam_compiled(model: nn.Module, variables: Any) -> tuple[nn.Module, Any]:
-  """`reparameterize.reparam` under jit: one compilation instead of thousands of small ops."""
-  fn = jax.jit(functools.partial(reparameterize.reparam_variables, model))
-  return model.clone(deploy=True), fn(variables)
-
-
 def _read(path_or_state_dict: Any, use_ema: bool) -> torch_files.TorchFile:
   # A state_dict of numpy arrays needs no torch (nor has EMA entries to choose from).
   if not use_ema and isinstance(path_or_state_dict, Mapping) and path_or_state_dict and all(
@@ -118,7 +112,7 @@ def import_torch(path_or_state_dict: Any, name: str | None = None, *, deploy: bo
   variables = jax.tree.map(jax.numpy.asarray, variables)
   result = TorchImport(model, variables, found, model.deploy, layout, file, False)
   if deploy and not model.deploy:
-    result.model, result.variables = reparam_compiled(model, variables)
+    result.model, result.variables = reparameterize.reparam(model, variables)
     result.reparameterized = True
   return result
 

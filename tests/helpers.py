@@ -5,9 +5,12 @@ import numpy as np
 
 
 def randomize_batch_norm(variables, seed: int = 0):
-  """Every BatchNorm far from identity: scale ~ U(0.5, 1.5), bias and mean ~ N(0, 0.3), var ~ U(0.5, 2).
+  """Every BatchNorm far from identity: scale ~ U(0.2, 0.6), bias and mean ~ N(0, 0.3), var ~ U(0.5, 2).
 
-  Without this, fused BNs are near-identity maps and a broken fusion can go unnoticed.
+  Without this, fused BNs are near-identity maps and a broken fusion can go unnoticed. Scales
+  below 1 (as in trained networks) keep the activations of a deep random residual network
+  bounded: with scales around 1, B224's activations reach 1e5 and its float32 forward pass alone
+  drifts 2e-5 from float64, so no float32 comparison could be tighter than that.
   """
   rng = np.random.default_rng(seed)
 
@@ -21,7 +24,7 @@ def randomize_batch_norm(variables, seed: int = 0):
     if last == 'var':
       value = rng.uniform(0.5, 2.0, leaf.shape)
     elif last == 'scale':
-      value = rng.uniform(0.5, 1.5, leaf.shape)
+      value = rng.uniform(0.2, 0.6, leaf.shape)
     elif last in ('bias', 'mean'):
       value = rng.normal(0.0, 0.3, leaf.shape)
     else:

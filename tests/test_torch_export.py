@@ -47,7 +47,7 @@ def test_round_trip_of_a_deploy_file_gives_the_same_logits():
 def test_our_deploy_form_loads_into_the_official_deploy_model():
   # Deploy variables made here (reparam of a training form) -> official deploy model, strict.
   torch_model = tc.tiny_torch_model(seed=5)
-  model, variables = torch_import.reparam_compiled(
+  model, variables = repmlp_jax.reparam(
       *repmlp_jax.load_torch(torch_model.state_dict()))
   sd = repmlp_jax.to_torch_state_dict(model, variables)
   official = tr.create_repmlpnet_custom(**tc.TINY, num_classes=tc.TINY_CLASSES, deploy=True)
