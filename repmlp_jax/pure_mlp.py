@@ -48,9 +48,11 @@ class PureMLPUnit(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     c = x.shape[-1]
-    x = repmlp_block.RepMLP(c, c, self.size, self.size, self.h, self.w, tuple(self.reparam_conv_k),
-                            self.fc1_fc2_reduction, self.fc3_groups, deploy=self.deploy,
-                            dtype=self.dtype, precision=self.precision, name='repmlp')(x, train=train)
+    repmlp = repmlp_block.RepMLP(c, c, self.size, self.size, self.h, self.w,
+                                 tuple(self.reparam_conv_k), self.fc1_fc2_reduction,
+                                 self.fc3_groups, deploy=self.deploy, dtype=self.dtype,
+                                 precision=self.precision, name='repmlp')
+    x = repmlp(x, train=train)
     x = layers.ConvBN(self.out_channels, 1, deploy=self.deploy, dtype=self.dtype,
                       precision=self.precision, name='fc')(nn.relu(x), train=train)
     return nn.relu(x)
@@ -122,9 +124,10 @@ class PureMLPNet(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       last = self.channels[s + 1] if s + 1 < len(self.channels) else c
       for i in range(depth):
-        x = PureMLPUnit(last if i == depth - 1 else c, self.image_size // 2**s, self.h, self.w,
-                        tuple(self.reparam_conv_k), self.fc1_fc2_reduction, self.fc3_groups,
-                        self.deploy, self.dtype, self.precision, name=f'stage{s}_{i}')(x, train=train)
+        unit = PureMLPUnit(last if i == depth - 1 else c, self.image_size // 2**s, self.h, self.w,
+                           tuple(self.reparam_conv_k), self.fc1_fc2_reduction, self.fc3_groups,
+                           self.deploy, self.dtype, self.precision, name=f'stage{s}_{i}')
+        x = unit(x, train=train)
       features[f'stage_{s}'] = x
     pooled = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, precision=self.precision,

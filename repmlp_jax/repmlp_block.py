@@ -87,8 +87,10 @@ class RepMLP(nn.Module):
     if bad:
       raise ValueError(f'RepMLP: conv branch sizes must be odd (\'same\' padding); got {bad} in '
                        f'reparam_conv_k={tuple(self.reparam_conv_k)}.')
-    if self.has_global_perceptron and c * self.H // self.h * self.W // self.w < self.fc1_fc2_reduction:
-      raise ValueError(f'RepMLP: fc1_fc2_reduction ({self.fc1_fc2_reduction}) leaves fc1 no output.')
+    partitions = self.H // self.h * self.W // self.w
+    if self.has_global_perceptron and c * partitions < self.fc1_fc2_reduction:
+      raise ValueError(f'RepMLP: fc1_fc2_reduction ({self.fc1_fc2_reduction}) leaves fc1 no '
+                       'output.')
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:

@@ -53,9 +53,9 @@ def _layout(model: repmlp_resnet.RepMLPResNet) -> list[_Entry]:
   def repmlp(key, path, has_global_perceptron):
     if has_global_perceptron:
       for fc in ('fc1', 'fc2'):
-        entries.extend([
-            _Entry(f'{key}.fc1_fc2.{fc}.weight', 'params', path + ('fc1_fc2', fc, 'kernel'), 'dense'),
-            _Entry(f'{key}.fc1_fc2.{fc}.bias', 'params', path + ('fc1_fc2', fc, 'bias'), 'same')])
+        sub = path + ('fc1_fc2', fc)
+        entries.extend([_Entry(f'{key}.fc1_fc2.{fc}.weight', 'params', sub + ('kernel',), 'dense'),
+                        _Entry(f'{key}.fc1_fc2.{fc}.bias', 'params', sub + ('bias',), 'same')])
       if not deploy:
         bn(f'{key}.avg.bn', path + ('avg', 'bn'))
     entries.append(_Entry(f'{key}.fc3.weight', 'params', path + ('fc3',), 'fc3'))
@@ -264,7 +264,8 @@ def detect(state_dict: Mapping[str, np.ndarray]) -> tuple[str, dict[str, Any], b
   depths = tuple(_count_blocks(keys, n) for n in range(1, 5))
   found: dict[str, Any] = dict(
       kind=kind, depths=depths,
-      channels=tuple(int(state_dict[f'stage{n}.0.conv3.conv.weight'].shape[0]) for n in range(1, 5)),
+      channels=tuple(int(state_dict[f'stage{n}.0.conv3.conv.weight'].shape[0])
+                     for n in range(1, 5)),
       stem_channels=int(state_dict['stage0.0.conv.weight'].shape[0]),
       num_classes=int(state_dict['linear.weight'].shape[0]))
   if kind != 'plain':

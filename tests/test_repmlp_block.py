@@ -43,7 +43,7 @@ def _deploy(block, variables):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _train_and_deploy_outputs(block, variables, x):
-  """Eval output of the training form, of its deploy form, and the deploy variables (one compile)."""
+  """Eval outputs of the training and deploy forms, and the deploy variables (one compile)."""
   deploy_block, deploy_vars = _deploy(block, variables)
   return block.apply(variables, x), deploy_block.apply(deploy_vars, x), deploy_vars
 

@@ -1,4 +1,4 @@
-"""v1 PyTorch state_dicts <-> Flax variables against the PyTorch reference (tests/torch_reference.py).
+"""v1 PyTorch state_dicts <-> Flax variables, against the reference in tests/torch_reference.py.
 
 Golden tests: imported Flax logits == PyTorch logits (training and official deploy forms) for
 tiny variants and for both RepMLP-ResNet-50 kinds at 224x224; at full size the same run also
