@@ -180,20 +180,25 @@ def variables_to_torch(variables: Mapping[str, Any], model) -> dict[str, np.ndar
   Returns:
     key -> numpy array; num_batches_tracked entries are int64 zeros.
   """
-  out, missing = {}, []
+  abstract = model_io.abstract_variables(model)
+  out, problems = {}, []
   for e in _layout(model):
     if e.collection is None:
       out[e.torch_key] = np.array(0, np.int64)
       continue
+    where = '/'.join((e.collection,) + e.path)
     try:
       value = np.asarray(_leaf(variables[e.collection], e.path))
     except KeyError:
-      missing.append('/'.join((e.collection,) + e.path))
+      problems.append(f'missing {where}')
+      continue
+    want = _leaf(abstract[e.collection], e.path).shape
+    if value.shape != want:
+      problems.append(f'{where} has shape {value.shape}, expected {want}')
       continue
     out[e.torch_key] = np.ascontiguousarray(_to_torch(e.layout, value))
-  if missing:
-    raise ValueError(f'The variables do not belong to {_describe(model)}: missing '
-                     + ', '.join(missing))
+  if problems:
+    raise ValueError(f'The variables do not belong to {_describe(model)}: ' + '; '.join(problems))
   return out
 
 

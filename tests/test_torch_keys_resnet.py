@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import repmlp_jax
+from repmlp_jax import model_io
 from repmlp_jax import state_dict_mapping
 from repmlp_jax import torch_keys_resnet as tk
 from tests import helpers
@@ -144,3 +145,8 @@ def test_variables_of_another_model_are_refused():
   model = repmlp_jax.create_model('_RepMLP-ResNet-Tiny', num_classes=10)
   with pytest.raises(ValueError, match='missing params/stage0_0/conv/kernel'):
     tk.variables_to_torch({'params': {}, 'batch_stats': {}}, model)
+  variables = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), model_io.abstract_variables(model))
+  variables['params']['linear']['kernel'] = np.zeros((256, 3), np.float32)
+  with pytest.raises(ValueError, match=r'belong to .*: params/linear/kernel has shape '
+                     r'\(256, 3\), expected \(256, 10\)$'):
+    tk.variables_to_torch(variables, model)
