@@ -14,13 +14,14 @@ def extract_features(model: nn.Module, variables: Any, x: jax.Array, *,
     model: a model from `create_model` (either form).
     variables: its variables.
     x: (N, H, W, 3) images.
-    out_indices: which stages to return (0 is the first, at 1/4 of the input resolution).
+    out_indices: which stages to return (0 is the first; negative indices count from the last).
   Returns:
-    One NHWC feature map per index, stage i at 1/(4 * 2**i) of the input resolution.
+    One NHWC feature map per index. RepMLPNet and RepMLP-ResNet: stage i at 1/(4 * 2**i) of the
+    input resolution; the pure-MLP CIFAR model: stage i at 1/2**i.
   """
-  num_stages = len(model.depths)
+  features = model.apply(variables, x, train=False, return_features=True)
+  num_stages = sum(1 for k in features if k.startswith('stage_'))
   bad = [i for i in out_indices if not -num_stages <= i < num_stages]
   if bad:
     raise ValueError(f'out_indices {bad} out of range for a model with {num_stages} stages.')
-  features = model.apply(variables, x, train=False, return_features=True)
   return tuple(features[f'stage_{i % num_stages}'] for i in out_indices)

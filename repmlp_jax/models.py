@@ -7,12 +7,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from repmlp_jax import pure_mlp
+from repmlp_jax import repmlp_resnet
 from repmlp_jax import repmlpnet
 
 # name -> (module class, settings). Names are matched case-insensitively, with or without the
-# family prefix and separators: 'RepMLPNet-B224', 'repmlpnet_b224' and 'b224' are one model.
+# family prefix and separators: 'RepMLPNet-B224', 'repmlpnet_b224' and 'b224' are one model;
+# 'RepMLP-ResNet50-g4/8' and 'resnet50_g4_8' are 'RepMLP-ResNet50-g4-8'.
 MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
-    name: (repmlpnet.RepMLPNet, settings) for name, settings in repmlpnet.ARCH_SETTINGS.items()
+    **{name: (repmlpnet.RepMLPNet, s) for name, s in repmlpnet.ARCH_SETTINGS.items()},
+    **{name: (repmlp_resnet.RepMLPResNet, s) for name, s in repmlp_resnet.ARCH_SETTINGS.items()},
+    **{name: (pure_mlp.PureMLPNet, s) for name, s in pure_mlp.ARCH_SETTINGS.items()},
 }
 
 

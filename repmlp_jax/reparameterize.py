@@ -16,6 +16,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from repmlp_jax import layers
+from repmlp_jax import pure_mlp
+from repmlp_jax import reparameterize_resnet  # Uses this module's helpers at call time only.
+from repmlp_jax import repmlp_resnet
 from repmlp_jax import repmlpnet
 
 Params = Mapping[str, Any]
@@ -45,25 +48,33 @@ def pad_kernel(kernel: jax.Array, size: int) -> jax.Array:
   return jnp.pad(kernel, ((p, p), (p, p), (0, 0), (0, 0)))
 
 
-def conv_to_fc(kernel: jax.Array, h: int, w: int) -> jax.Array:
-  """The grouped FC equal to a depthwise conv (stride 1, 'same' zero padding) on h x w maps.
+def conv_to_fc(kernel: jax.Array, h: int, w: int, groups: int | None = None) -> jax.Array:
+  """The grouped FC equal to a grouped conv (stride 1, 'same' zero padding) on h x w maps.
 
   Args:
-    kernel: (k, k, 1, S), one k x k filter per shareset.
+    kernel: (kh, kw, C/g, O), the HWIO kernel of a conv with g groups (kh, kw odd).
+    h, w: the map size.
+    groups: g; default O, one filter of one input channel per group (RepMLPNet's depthwise
+      branches, kernel (k, k, 1, S)).
   Returns:
-    (S, h*w, h*w): for each shareset, the FC kernel (in, out), i.e. the conv applied to every
-    basis image of an h x w map.
+    (g, C/g*h*w, O/g*h*w): each group's FC kernel (in, out), i.e. the conv applied to every basis
+    map of one group's input; inputs and outputs are flattened channel-major (c, y, x), as the
+    official code flattens partitions. Depthwise: (S, h*w, h*w).
   """
-  k = kernel.shape[0]
-  identity = jnp.eye(h * w, dtype=kernel.dtype).reshape(h * w, h, w, 1)
+  kh, kw, cg, o = kernel.shape
+  g = o if groups is None else groups
+  if o % g:
+    raise ValueError(f'conv_to_fc: {o} output channels do not split into {g} groups.')
+  og, n = o // g, cg * h * w
+  # Basis maps of one group's input, NHWC: (C/g*h*w, h, w, C/g).
+  identity = jnp.eye(n, dtype=kernel.dtype).reshape(n, cg, h, w).transpose(0, 2, 3, 1)
 
-  def one_filter(filt):  # (k, k) -> (h*w, h*w)
-    out = lax.conv_general_dilated(identity, filt[:, :, None, None], (1, 1),
-                                   [(k // 2, k // 2)] * 2,
+  def one_group(filt):  # (kh, kw, C/g, O/g) -> (C/g*h*w, O/g*h*w)
+    out = lax.conv_general_dilated(identity, filt, (1, 1), [(kh // 2, kh // 2), (kw // 2, kw // 2)],
                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=HIGHEST)
-    return out.reshape(h * w, h * w)
+    return out.transpose(0, 3, 1, 2).reshape(n, og * h * w)
 
-  return jax.vmap(one_filter, in_axes=2)(kernel[:, :, 0, :])
+  return jax.vmap(one_group, in_axes=3)(kernel.reshape(kh, kw, cg, g, og))
 
 
 def fuse_conv_bn(params: Params, stats: Params) -> dict[str, Any]:
@@ -118,6 +129,8 @@ def reparam_variables(model, variables: Params) -> dict[str, Any]:
     raise ValueError('reparam takes a training-form model; this one is already deploy=True.')
   if isinstance(model, repmlpnet.RepMLPNet):
     return _reparam_repmlpnet(model, variables)
+  if isinstance(model, (repmlp_resnet.RepMLPResNet, pure_mlp.PureMLPNet)):
+    return reparameterize_resnet.reparam_variables(model, variables)
   raise TypeError(f'No re-parameterization is defined for {type(model).__name__}.')
 
 

@@ -28,8 +28,14 @@ def test_parameter_count_equals_official(name):
   assert sum(x.size for x in jax.tree.leaves(variables['params'])) == OFFICIAL_PARAMS[name]
 
 
+# RepMLP (v1) models: RepMLP-ResNet-50 (authors' configurations, the paper's group settings),
+# the ResNet-50 baseline and the pure-MLP CIFAR model (tests/test_repmlp_resnet.py).
+V1_MODELS = ['RepMLP-ResNet50-Light', 'RepMLP-ResNet50-Bottleneck', 'RepMLP-ResNet50-g4-8',
+             'RepMLP-ResNet50-g8-16', 'ResNet-50', 'RepMLP-CIFAR-PureMLP']
+
+
 def test_available_models_lists_every_official_variant():
-  assert sorted(repmlp_jax.available_models()) == sorted(OFFICIAL_PARAMS)
+  assert sorted(repmlp_jax.available_models()) == sorted([*OFFICIAL_PARAMS, *V1_MODELS])
 
 
 @pytest.mark.parametrize('alias', ['b224', 'B224', 'RepMLPNet-B224', 'repmlpnet_b224', 'RepMLPNetB224'])

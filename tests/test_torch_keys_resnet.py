@@ -1,0 +1,152 @@
+"""v1 PyTorch state_dicts <-> Flax variables, against the reference in tests/torch_reference.py.
+
+Golden tests: imported Flax logits == PyTorch logits (training and official deploy forms) for
+tiny variants and for both RepMLP-ResNet-50 kinds at 224x224; at full size the same run also
+checks this project's reparam (train form == deploy form) and that it equals the official deploy
+conversion. Round trips are exact; detect() names the variant from shapes alone.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import repmlp_jax
+from repmlp_jax import model_io
+from repmlp_jax import state_dict_mapping
+from repmlp_jax import torch_keys_resnet as tk
+from tests import helpers
+from tests import torch_reference as tr
+
+TINY = dict(num_blocks=(1, 2, 2, 1), num_classes=10, img_size=64, h=2, w=2, c3_groups=2,
+            c4_groups=4, channels=(32, 64, 128, 256), stem_channels=16)
+
+
+def _numpy(sd):
+  return {k: v.detach().numpy() for k, v in sd.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _apply(model):
+  return jax.jit(functools.partial(model.apply, train=False))
+
+
+def _logits(model, variables, x):
+  return np.asarray(_apply(model)(variables, jnp.asarray(x.numpy().transpose(0, 2, 3, 1))))
+
+
+def _assert_round_trips(sd, variables, model):
+  back = tk.variables_to_torch(variables, model)
+  assert list(back) == list(sd)  # official names and order
+  for key, value in sd.items():
+    np.testing.assert_array_equal(back[key], value, err_msg=key)
+  again = tk.variables_from_torch(back, model)
+  jax.tree.map(np.testing.assert_array_equal, again, variables)
+
+
+@pytest.mark.parametrize('kind', ['light', 'bottleneck', 'plain'])
+def test_tiny_import_matches_pytorch_in_both_forms(kind):
+  torch.manual_seed(0)
+  reference = tr.randomize_bn_(tr.RepMLPResNet(kind, **TINY), seed=1).eval()
+  x = torch.randn(2, 3, 64, 64)
+  with torch.no_grad():
+    expected = reference(x).numpy()
+  for sd in (_numpy(reference.state_dict()), _numpy(tr.deploy_state_dict(reference))):
+    name, overrides, deploy = tk.detect(sd)
+    assert deploy == ('stage0.0.conv.bias' in sd)
+    model = repmlp_jax.create_model(name, deploy=deploy, **overrides)
+    assert (model.kind, model.depths, model.channels) == (kind, (1, 2, 2, 1), (32, 64, 128, 256))
+    if kind != 'plain':
+      assert (model.image_size, model.h, model.c3_groups, model.c4_groups) == (64, 2, 2, 4)
+    variables = tk.variables_from_torch(sd, model)
+    assert helpers.relative_error(expected, _logits(model, variables, x)) <= 1e-5
+    _assert_round_trips(sd, variables, model)
+
+
+@pytest.mark.parametrize('kind, name', [('light', 'RepMLP-ResNet50-Light'),
+                                        ('bottleneck', 'RepMLP-ResNet50-Bottleneck')])
+def test_resnet50_import_and_reparam_match_pytorch(kind, name):
+  torch.manual_seed(0)
+  reference = tr.randomize_bn_(tr.create_repmlp_resnet50(kind), seed=2).eval()
+  x = torch.randn(1, 3, 224, 224)
+  with torch.no_grad():
+    expected = reference(x).numpy()
+  sd = _numpy(reference.state_dict())
+  assert tk.detect(sd) == (name, {}, False)
+  model = repmlp_jax.create_model(name)
+  variables = tk.variables_from_torch(sd, model)
+  y = _logits(model, variables, x)
+  assert helpers.relative_error(expected, y) <= 1e-5
+  # This project's reparam: train form == deploy form, at full size.
+  deploy_model = model.clone(deploy=True)
+  ours = jax.jit(functools.partial(repmlp_jax.reparam_variables, model))(variables)
+  assert helpers.relative_error(y, _logits(deploy_model, ours, x)) <= 1e-5
+  # The official deploy file imports into the deploy form and gives the same logits.
+  deploy_sd = _numpy(tr.deploy_state_dict(reference))
+  assert tk.detect(deploy_sd) == (name, {}, True)
+  official = tk.variables_from_torch(deploy_sd, deploy_model)
+  assert helpers.relative_error(expected, _logits(deploy_model, official, x)) <= 1e-5
+  fc3 = lambda v: v['params']['stage3_1'][f'{"light" if kind == "light" else "btnk"}_repmlp']['fc3']
+  assert helpers.relative_error(fc3(official), fc3(ours)) <= 1e-5
+  assert list(tk.variables_to_torch(official, deploy_model)) == list(deploy_sd)
+
+
+@pytest.mark.parametrize('groups, name', [((4, 8), 'RepMLP-ResNet50-g4-8'),
+                                          ((8, 16), 'RepMLP-ResNet50-g8-16')])
+@pytest.mark.parametrize('deploy', [False, True])
+def test_detect_names_the_group_settings(groups, name, deploy):
+  with torch.device('meta'):  # detect reads shapes only
+    reference = tr.RepMLPResNet('bottleneck', img_size=320, h=10, w=10,
+                                reparam_conv_k=(1, 3, 5, 7), c3_groups=groups[0],
+                                c4_groups=groups[1], deploy=deploy)
+  assert tk.detect(reference.state_dict()) == (name, {}, deploy)
+
+
+def test_detect_reports_what_differs_from_the_closest_variant():
+  with torch.device('meta'):
+    reference = tr.create_repmlp_resnet50('bottleneck', num_classes=10, c3_groups=4, c4_groups=16)
+  name, overrides, deploy = tk.detect(reference.state_dict())
+  assert (name, deploy) == ('RepMLP-ResNet50-Bottleneck', False)
+  assert overrides == {'num_classes': 10, 'c3_groups': 4, 'c4_groups': 16}
+  with torch.device('meta'):
+    plain = tr.create_repmlp_resnet50('plain')
+  assert tk.detect(plain.state_dict()) == ('ResNet-50', {}, False)
+
+
+def test_detect_refuses_other_checkpoints():
+  with torch.device('meta'):
+    repmlpnet = tr.create_repmlpnet('RepMLPNet-T224')
+  with pytest.raises(ValueError, match=r'Not a RepMLP-ResNet / ResNet-50 \(v1 keys\) state_dict'):
+    tk.detect(repmlpnet.state_dict())
+
+
+def test_every_key_problem_is_reported_at_once():
+  reference = tr.RepMLPResNet('light', **TINY)
+  sd = _numpy(reference.state_dict())
+  del sd['stage2.1.light_repmlp.fc3.weight']
+  sd['stage4.0.extra.weight'] = np.zeros(3, np.float32)
+  sd['linear.weight'] = np.zeros((7, 256), np.float32)
+  model = repmlp_jax.create_model('_RepMLP-ResNet-Tiny', num_classes=10)
+  with pytest.raises(state_dict_mapping.KeyMismatchError) as info:
+    tk.variables_from_torch(sd, model)
+  error = info.value
+  assert error.missing == ['stage2.1.light_repmlp.fc3.weight']
+  assert error.unexpected == ['stage4.0.extra.weight']
+  assert error.misshaped == [('linear.weight', (10, 256), (7, 256))]
+  deploy_sd = _numpy(tr.deploy_state_dict(reference))
+  with pytest.raises(state_dict_mapping.KeyMismatchError, match='training or the deploy form'):
+    tk.variables_from_torch(deploy_sd, model)
+
+
+def test_variables_of_another_model_are_refused():
+  model = repmlp_jax.create_model('_RepMLP-ResNet-Tiny', num_classes=10)
+  with pytest.raises(ValueError, match='missing params/stage0_0/conv/kernel'):
+    tk.variables_to_torch({'params': {}, 'batch_stats': {}}, model)
+  variables = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), model_io.abstract_variables(model))
+  variables['params']['linear']['kernel'] = np.zeros((256, 3), np.float32)
+  with pytest.raises(ValueError, match=r'belong to .*: params/linear/kernel has shape '
+                     r'\(256, 3\), expected \(256, 10\)$'):
+    tk.variables_to_torch(variables, model)
