@@ -13,9 +13,11 @@ from typing import Any
 
 import flax.linen as nn
 
+from repmlp_jax import repmlp_resnet
 from repmlp_jax import repmlpnet
 from repmlp_jax import torch_files
 from repmlp_jax import torch_keys_repmlpnet as repmlpnet_keys
+from repmlp_jax import torch_keys_resnet as resnet_keys
 
 LAYOUTS = ('official', 'mmpretrain')
 
@@ -25,7 +27,7 @@ def to_torch_state_dict(model: nn.Module, variables: Any, *,
   """The PyTorch state_dict of `model`'s variables.
 
   Args:
-    model: a RepMLPNet (training or deploy form).
+    model: a RepMLPNet, RepMLP-ResNet or ResNet-50 (training or deploy form).
     variables: its {'params', 'batch_stats'}.
     layout: 'official' (the authors' key names and order) or 'mmpretrain'.
   Returns:
@@ -34,9 +36,14 @@ def to_torch_state_dict(model: nn.Module, variables: Any, *,
   torch = torch_files.require_torch()
   if layout not in LAYOUTS:
     raise ValueError(f'Unknown layout {layout!r}; choose one of {LAYOUTS}.')
-  if not isinstance(model, repmlpnet.RepMLPNet):
+  if isinstance(model, repmlp_resnet.RepMLPResNet):
+    if layout != 'official':
+      raise ValueError('RepMLP-ResNet models have only the official layout (mmpretrain has none).')
+    arrays = resnet_keys.variables_to_torch(variables, model)
+  elif isinstance(model, repmlpnet.RepMLPNet):
+    arrays = repmlpnet_keys.variables_to_torch(variables, model)
+  else:
     raise TypeError(f'No PyTorch key mapping is defined for {type(model).__name__}.')
-  arrays = repmlpnet_keys.variables_to_torch(variables, model)
   if layout == 'mmpretrain':
     arrays = repmlpnet_keys.to_mmpretrain(arrays)
   return collections.OrderedDict((k, torch.from_numpy(v.copy())) for k, v in arrays.items())

@@ -21,6 +21,7 @@ from repmlp_jax import repmlpnet
 from repmlp_jax import state_dict_mapping
 from repmlp_jax import torch_files
 from repmlp_jax import torch_keys_repmlpnet as repmlpnet_keys
+from repmlp_jax import torch_keys_resnet as resnet_keys
 
 
 @dataclasses.dataclass
@@ -36,12 +37,15 @@ class TorchImport:
 
   def describe(self) -> str:
     """What was detected, in words."""
-    variant = self.name or f'custom RepMLPNet ({repmlpnet_keys.describe(self.model)})'
+    if isinstance(self.model, repmlpnet.RepMLPNet):
+      variant = self.name or f'custom RepMLPNet ({repmlpnet_keys.describe(self.model)})'
+    else:
+      variant = self.name
     lines = [f'read: {self.file.describe()}',
              f'layout: {self.layout}; form in file: {"deploy" if self.file_deploy else "training"}',
              f'model: {variant}, num_classes={self.model.num_classes}'
              + (f', gp_hidden_divisor={self.model.gp_hidden_divisor}'
-                if self.model.gp_hidden_divisor != 1 else '')]
+                if getattr(self.model, 'gp_hidden_divisor', 1) != 1 else '')]
     if self.reparameterized:
       lines.append('converted to the deploy form (reparam)')
     return '\n'.join(lines)
@@ -89,6 +93,21 @@ def _repmlpnet_for(sd: Mapping[str, np.ndarray], name: str | None
   return models.create_model(name, deploy=deploy, **overrides), name, detected
 
 
+def _resnet_for(sd: Mapping[str, np.ndarray], name: str | None) -> tuple[nn.Module, str]:
+  """The RepMLP-ResNet / ResNet-50 the state_dict is for: detected, or `name` with its head."""
+  if name is None:
+    found, overrides, deploy = resnet_keys.detect(sd)
+    return models.create_model(found, deploy=deploy, **overrides), found
+  name = models.resolve_name(name)
+  deploy = 'stage0.0.bn.weight' not in sd
+  overrides = {'num_classes': np.shape(sd['linear.weight'])[0]} if 'linear.weight' in sd else {}
+  return models.create_model(name, deploy=deploy, **overrides), name
+
+
+def _is_resnet(sd: Mapping[str, Any]) -> bool:
+  return 'stage0.0.conv.weight' in sd
+
+
 def import_torch(path_or_state_dict: Any, name: str | None = None, *, deploy: bool | None = None,
                  use_ema: bool = False) -> TorchImport:
   """Like `load_torch`, also returning what was detected (for tools that report it)."""
@@ -96,13 +115,18 @@ def import_torch(path_or_state_dict: Any, name: str | None = None, *, deploy: bo
   sd, layout = file.state_dict, 'official'
   if repmlpnet_keys.is_mmpretrain(sd):
     sd, layout = repmlpnet_keys.from_mmpretrain(sd), 'mmpretrain'
-  # One model family today; another would be told apart by its keys here.
-  model, found, detected = _repmlpnet_for(sd, name)
+  # The two families are told apart by their stems' keys.
+  if _is_resnet(sd):
+    model, found = _resnet_for(sd, name)
+    detected, keys = None, resnet_keys
+  else:
+    model, found, detected = _repmlpnet_for(sd, name)
+    keys = repmlpnet_keys
   if deploy is False and model.deploy:
     raise ValueError('The checkpoint holds the deploy form, which cannot be turned back into the '
                      'training form; load it with deploy=None or deploy=True.')
   try:
-    variables = repmlpnet_keys.variables_from_torch(sd, model)
+    variables = keys.variables_from_torch(sd, model)
   except state_dict_mapping.KeyMismatchError as e:
     if detected is None or detected == model:
       raise
@@ -119,7 +143,7 @@ def import_torch(path_or_state_dict: Any, name: str | None = None, *, deploy: bo
 
 def load_torch(path_or_state_dict: Any, name: str | None = None, *, deploy: bool | None = None,
                use_ema: bool = False) -> tuple[nn.Module, Any]:
-  """Imports a PyTorch RepMLPNet checkpoint.
+  """Imports a PyTorch RepMLPNet, RepMLP-ResNet or ResNet-50 checkpoint.
 
   Accepts the authors' files (raw state_dict; {'model': ...} training checkpoints, whose pickled
   yacs config is read as inert data; EMA entries; `module.` prefixes) and mmpretrain's
