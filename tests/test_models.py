@@ -1,5 +1,7 @@
 """Shapes, parameter counts, names and input checks of the RepMLPNet models."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 import repmlp_jax
 from repmlp_jax import model_io
 from repmlp_jax import models
+from tests import fast_init
 
 TINY = '_RepMLPNet-Tiny'
 
@@ -64,12 +67,11 @@ def test_custom_settings_override_the_variant():
 def test_tiny_forward_shapes_and_features():
   model = repmlp_jax.create_model(TINY, num_classes=5)
   x = jnp.ones((2, 32, 32, 3))
-  variables = model.init(jax.random.key(0), x)
-  assert model.apply(variables, x).shape == (2, 5)
+  variables = fast_init.random_variables(model, x.shape)
+  assert jax.jit(model.apply)(variables, x).shape == (2, 5)
   feats = repmlp_jax.extract_features(model, variables, x)
   assert [f.shape for f in feats] == [(2, 8, 8, 8), (2, 4, 4, 16), (2, 2, 2, 16), (2, 1, 1, 32)]
-  logits, (last,) = model.apply(variables, x), repmlp_jax.extract_features(
-      model, variables, x, out_indices=(-1,))
+  (last,) = repmlp_jax.extract_features(model, variables, x, out_indices=(-1,))
   np.testing.assert_array_equal(last, feats[3])
   with pytest.raises(ValueError, match='out of range'):
     repmlp_jax.extract_features(model, variables, x, out_indices=(4,))
@@ -77,8 +79,8 @@ def test_tiny_forward_shapes_and_features():
 
 def test_larger_inputs_that_split_evenly_work():
   model = repmlp_jax.create_model(TINY, num_classes=3)
-  variables = model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))
-  assert model.apply(variables, jnp.ones((1, 64, 96, 3))).shape == (1, 3)
+  variables = fast_init.random_variables(model, (1, 32, 32, 3))
+  assert jax.jit(model.apply)(variables, jnp.ones((1, 64, 96, 3))).shape == (1, 3)
 
 
 @pytest.mark.parametrize('shape', [(1, 200, 224, 3), (1, 224, 230, 3)])
@@ -104,8 +106,9 @@ def test_wrong_channel_count_is_refused():
 def test_train_mode_updates_batch_stats():
   model = repmlp_jax.create_model(TINY, num_classes=4)
   x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
-  variables = model.init(jax.random.key(0), x)
-  logits, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  variables = fast_init.random_variables(model, x.shape)
+  logits, updates = jax.jit(functools.partial(model.apply, train=True, mutable=['batch_stats']))(
+      variables, x)
   assert logits.shape == (4, 4)
   before = variables['batch_stats']['conv_embedding']['bn']['mean']
   after = updates['batch_stats']['conv_embedding']['bn']['mean']
@@ -115,7 +118,7 @@ def test_train_mode_updates_batch_stats():
 def test_model_spec_round_trip_and_checkpoint(tmp_path):
   model = repmlp_jax.create_model(TINY, num_classes=3, precision=jax.lax.Precision.HIGHEST)
   assert models.model_from_spec(models.model_spec(model)) == model
-  variables = model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))
+  variables = fast_init.random_variables(model, (1, 32, 32, 3))
   model_io.save_model(tmp_path / 'ckpt', model, variables)
   loaded_model, loaded = model_io.load_model(tmp_path / 'ckpt')
   assert loaded_model == model
