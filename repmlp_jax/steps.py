@@ -25,6 +25,9 @@ from repmlp_jax import sharding
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
+# The most recent Experiment.cached(...) result and its key: one entry only, it holds compiled
+# executables.
+_LAST_EXPERIMENT: dict[str, Any] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +129,20 @@ class Experiment:
     self.eval_counts = jax.jit(functools.partial(self._eval_counts, self.model))
     self.deploy_eval_counts = jax.jit(functools.partial(self._eval_counts, self.deploy_model))
 
+  @classmethod
+  def cached(cls, config: ml_collections.ConfigDict, *, num_classes: int, steps: Steps,
+             mesh: Mesh | None = None) -> 'Experiment':
+    """Like the constructor, but returns the previous Experiment if everything is the same, so
+    that running the same config again in one process (resuming in a notebook, a sweep over
+    restarts) reuses the compiled functions instead of compiling them again."""
+    mesh = mesh or sharding.create_mesh()
+    key = (config.to_json_best_effort(sort_keys=True), num_classes, steps, mesh)
+    if _LAST_EXPERIMENT.get('key') != key:
+      _LAST_EXPERIMENT.clear()
+      _LAST_EXPERIMENT.update(key=key, value=cls(config, num_classes=num_classes, steps=steps,
+                                                 mesh=mesh))
+    return _LAST_EXPERIMENT['value']
+
   def _init(self) -> State:
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(self.config.seed))
     size = self.config.image_size
@@ -174,9 +191,9 @@ class Experiment:
         # Against the un-mixed labels: a rough signal under mixup / CutMix.
         'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
         'lr': self.schedule(step),
-        'grad_norm': optax.global_norm(grads),  # Before clipping.
-        'update_norm': optax.global_norm(updates),
-        'param_norm': optax.global_norm(params),
+        'grad_norm': optax.tree.norm(grads),  # Before clipping.
+        'update_norm': optax.tree.norm(updates),
+        'param_norm': optax.tree.norm(params),
     }
     return new_state, measurements
 

@@ -174,7 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   info = input_pipeline.dataset_info(config.dataset, data_dir=config.data_dir)
   steps = steps_lib.derive_steps(config, info.num_train_examples)
-  exp = steps_lib.Experiment(config, num_classes=info.num_classes, steps=steps)
+  exp = steps_lib.Experiment.cached(config, num_classes=info.num_classes, steps=steps)
   _write_config(config, workdir)
 
   checkpoints = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'))

@@ -1,0 +1,139 @@
+"""Training pieces without the input pipeline: schedule, decay mask, FSDP specs, and sharded steps.
+
+The 8-device runs (conftest's simulated CPU devices) must give the loss and parameters of a
+1-device run on the same global batches, within float32 reduction-order noise: relative 1e-5
+on the loss, 1e-5 (relative to each array's largest entry) on every parameter and BN statistic.
+"""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs import common
+from repmlp_jax import optim
+from repmlp_jax import sharding
+from repmlp_jax import steps as steps_lib
+from tests import helpers
+
+NUM_CLASSES = 10
+GLOBAL_BATCH = 16
+NUM_STEPS = 3
+TOLERANCE = 1e-5
+
+
+def tiny_config(**overrides):
+  config = common.get_config()
+  config.model = '_RepMLPNet-Tiny'
+  config.image_size = config.eval_image_size = 32
+  config.global_batch_size = GLOBAL_BATCH
+  config.base_lr = 4e-3
+  config.warmup_epochs = 1.0
+  config.update(overrides)
+  return config
+
+
+def tiny_steps() -> steps_lib.Steps:
+  return steps_lib.Steps(per_epoch=2, total=10, warmup=2, eval_every=10, checkpoint_every=10,
+                         log_every=1)
+
+
+def global_batches(num_steps: int = NUM_STEPS, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  return [{'image': rng.normal(size=(GLOBAL_BATCH, 32, 32, 3)).astype(np.float32),
+           'label': rng.integers(0, NUM_CLASSES, size=GLOBAL_BATCH).astype(np.int32)}
+          for _ in range(num_steps)]
+
+
+def run_steps(config, devices, batches):
+  """Trains on `batches` with a mesh over `devices`; returns (losses, final state on host)."""
+  exp = steps_lib.Experiment(config, num_classes=NUM_CLASSES, steps=tiny_steps(),
+                             mesh=sharding.create_mesh(devices))
+  state = exp.init_state()
+  losses = []
+  for batch in batches:
+    state, measurements = exp.train_step(state, sharding.global_batch(batch, exp.batch_sharding))
+    losses.append(measurements['loss'])
+  return np.asarray(jax.device_get(losses)), jax.device_get(state), exp
+
+
+def assert_states_close(a, b):
+  for name in ('params', 'batch_stats'):
+    paths_a = jax.tree_util.tree_leaves_with_path(a[name])
+    for (path, x), y in zip(paths_a, jax.tree.leaves(b[name])):
+      err = helpers.relative_error(np.asarray(x), np.asarray(y))
+      assert err < TOLERANCE, f'{name}{jax.tree_util.keystr(path)}: relative error {err}'
+
+
+def test_schedule_warmup_then_cosine():
+  config = tiny_config(global_batch_size=512, base_lr=1e-3, warmup_lr=5e-7, min_lr=1e-5)
+  schedule = optim.learning_rate_schedule(config, total_steps=100, warmup_steps=10)
+  # Scaled by 512 / 256 = 2: warmup from 1e-6 to the peak 2e-3, cosine over the whole run.
+  np.testing.assert_allclose(schedule(0), 1e-6, rtol=1e-6)
+  np.testing.assert_allclose(schedule(5), 1e-6 + (2e-3 - 1e-6) / 2, rtol=1e-6)
+  np.testing.assert_allclose(schedule(10), 2e-5 + 0.5 * (2e-3 - 2e-5) * (1 + np.cos(0.1 * np.pi)),
+                             rtol=1e-6)
+  np.testing.assert_allclose(schedule(100), 2e-5, rtol=1e-6)
+
+
+def test_weight_decay_only_on_kernels():
+  config = tiny_config()
+  exp = steps_lib.Experiment(config, num_classes=NUM_CLASSES, steps=tiny_steps())
+  mask = optim.decay_mask(exp.abstract_state['params'])
+  unit = mask['stages_0_0']
+  assert unit['repmlp_block']['fc3'] and unit['ffn_block']['ffn_fc1']['conv']['kernel']
+  assert mask['head']['kernel'] and not mask['head']['bias']
+  assert not unit['prebn1']['scale'] and not unit['prebn1']['bias']
+  assert not unit['repmlp_block']['gp']['fc1']['bias']
+
+
+def test_fsdp_spec_picks_the_largest_divisible_axis():
+  assert sharding.fsdp_spec((4, 64, 64), 8, 1) == P(None, 'data', None)
+  assert sharding.fsdp_spec((12, 10), 8, 1) == P()  # Nothing divisible by 8.
+  assert sharding.fsdp_spec((16, 40), 8, 1) == P(None, 'data')
+  assert sharding.fsdp_spec((8, 8), 8, 100) == P()  # Too small to split.
+  assert sharding.fsdp_spec((64, 64), 1, 1) == P()  # A single device.
+
+
+def test_derive_steps_converts_epochs_in_one_place():
+  config = tiny_config(num_epochs=3.0, warmup_epochs=0.5, eval_every_epochs=1.0)
+  s = steps_lib.derive_steps(config, num_train_examples=100)  # 6 steps of 16 per epoch.
+  assert (s.per_epoch, s.total, s.warmup, s.eval_every) == (6, 18, 3, 6)
+  config.num_train_steps = 5
+  assert steps_lib.derive_steps(config, 100).total == 5
+  with pytest.raises(ValueError, match='exceeds the 10 training examples'):
+    steps_lib.derive_steps(config, 10)
+
+
+def test_unknown_variant_and_bad_image_size_fail_clearly():
+  with pytest.raises(ValueError, match="Unknown model 'RepMLPNet-X999'.*Available"):
+    steps_lib.build_model(tiny_config(model='RepMLPNet-X999'), NUM_CLASSES)
+  with pytest.raises(ValueError, match='image_size=40 .* multiple of 32'):
+    steps_lib.build_model(tiny_config(image_size=40), NUM_CLASSES)
+
+
+def test_eight_devices_match_one_device():
+  assert jax.device_count() == 8
+  batches = global_batches()
+  config = tiny_config()  # Official recipe: mixup / CutMix over the global (sharded) batch.
+  losses_8, state_8, exp = run_steps(config, jax.devices(), batches)
+  losses_1, state_1, _ = run_steps(config, jax.devices()[:1], batches)
+  assert exp.mesh.size == 8
+  np.testing.assert_allclose(losses_8, losses_1, rtol=TOLERANCE)
+  assert not np.allclose(losses_8[0], losses_8[-1])  # It did train.
+  assert int(state_8['step']) == NUM_STEPS
+  assert_states_close(state_8, state_1)
+
+
+def test_fsdp_shards_large_arrays_and_matches_one_device():
+  batches = global_batches(seed=1)
+  config = tiny_config(fsdp=True, fsdp_min_size=256)
+  losses_8, state_8, exp = run_steps(config, jax.devices(), batches)
+  fc3 = exp.state_sharding['params']['stages_0_0']['repmlp_block']['fc3']
+  assert 'data' in fc3.spec  # (2, 16, 16): the 16-wide axes divide by 8.
+  mu = exp.state_sharding['opt_state'][1][0].mu['stages_0_0']['repmlp_block']['fc3']
+  assert mu.spec == fc3.spec  # Adam moments shard like their parameters.
+  assert exp.state_sharding['params']['head']['bias'].spec == P()  # Small: replicated.
+  losses_1, state_1, _ = run_steps(tiny_config(), jax.devices()[:1], batches)
+  np.testing.assert_allclose(losses_8, losses_1, rtol=TOLERANCE)
+  assert_states_close(state_8, state_1)
