@@ -1,0 +1,178 @@
+"""Per-image train and eval transforms (TensorFlow graph ops, used inside tf.data map).
+
+Train, as the official recipe (torchvision/PIL semantics):
+  RandomResizedCrop(scale (0.08, 1), ratio (3/4, 4/3), bilinear) -> horizontal flip ->
+  RandAugment (see randaugment.py) -> to [0, 1] -> normalize with the ImageNet mean/std.
+Small data sets use the RepMLP paper's CIFAR recipe instead of the crop: resize to the training
+size (a no-op for CIFAR), zero-pad by `pad` pixels, random crop back, optional flip.
+Eval: resize the shorter side to image_size / crop_ratio, center crop image_size, normalize.
+crop_ratio 1.0 is the official RepMLPNet evaluation; 224/256 is mmpretrain's Resize(256) +
+CenterCrop(224).
+
+Images arrive either encoded (JPEG/PNG/... bytes: tfds, image folders) or decoded uint8
+(H, W, C) with C in {1, 3}. Resizing is bilinear with antialiasing and rounds back to uint8,
+as PIL does, so RandAugment sees the same kind of image the original pipeline gave it.
+Randomness is stateless: each example carries its own seed (see input_pipeline.py).
+"""
+
+import dataclasses
+import math
+
+import tensorflow as tf
+
+from repmlp_jax import randaugment
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+  """How images become model inputs. Defaults: the official ImageNet recipe."""
+  random_resized_crop: bool = True  # False: resize to the train size, then pad + random crop.
+  scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area fraction range.
+  ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio (w/h) range.
+  pad: int = 0  # Zero padding before the random crop when random_resized_crop is False.
+  flip: bool = True
+  randaugment_layers: int = 2  # 0 turns RandAugment off.
+  randaugment_levels: int = 15  # Levels drawn from range(15): the official `raug15`.
+  crop_ratio: float = 1.0  # Eval: center crop side / resized shorter side.
+  mean: tuple[float, float, float] = IMAGENET_MEAN
+  std: tuple[float, float, float] = IMAGENET_STD
+
+  def __post_init__(self):
+    if not 0 < self.scale[0] <= self.scale[1] <= 1:
+      raise ValueError(f'scale must satisfy 0 < min <= max <= 1, got {self.scale}.')
+    if not 0 < self.ratio[0] <= self.ratio[1]:
+      raise ValueError(f'ratio must satisfy 0 < min <= max, got {self.ratio}.')
+    if not 0 < self.crop_ratio <= 1:
+      raise ValueError(f'crop_ratio must be in (0, 1], got {self.crop_ratio}.')
+    if self.pad < 0 or self.randaugment_layers < 0 or self.randaugment_levels < 1:
+      raise ValueError('pad and randaugment_layers must be >= 0 and randaugment_levels >= 1.')
+
+
+def _to_rgb(image: tf.Tensor) -> tf.Tensor:
+  """Decoded uint8 (H, W, 1 or 3) -> (H, W, 3); gray images are repeated over channels."""
+  if image.shape[-1] == 1:
+    return tf.tile(image, [1, 1, 3])
+  return image
+
+
+def _decode(image: tf.Tensor) -> tf.Tensor:
+  if image.dtype == tf.string:
+    return tf.io.decode_image(image, channels=3, expand_animations=False)
+  return _to_rgb(image)
+
+
+def _image_shape(image: tf.Tensor) -> tf.Tensor:
+  """(height, width) without decoding JPEG pixels when the input is an encoded JPEG."""
+  if image.dtype != tf.string:
+    return tf.shape(image)[:2]
+  return tf.cond(tf.io.is_jpeg(image),
+                 lambda: tf.image.extract_jpeg_shape(image)[:2],
+                 lambda: tf.shape(_decode(image))[:2])
+
+
+def _crop(image: tf.Tensor, box: tf.Tensor) -> tf.Tensor:
+  """Crops box = (top, left, height, width); decodes only the box for encoded JPEGs."""
+  if image.dtype != tf.string:
+    return tf.slice(_to_rgb(image), [box[0], box[1], 0], [box[2], box[3], 3])
+  return tf.cond(
+      tf.io.is_jpeg(image),
+      lambda: tf.io.decode_and_crop_jpeg(image, box, channels=3),
+      lambda: tf.slice(_decode(image), [box[0], box[1], 0], [box[2], box[3], 3]))
+
+
+def random_resized_crop_box(shape: tf.Tensor, seed: tf.Tensor, *, scale: tuple[float, float],
+                            ratio: tuple[float, float]) -> tf.Tensor:
+  """torchvision's RandomResizedCrop.get_params, statelessly: (top, left, height, width).
+
+  Ten tries of (area fraction ~ U(scale), log aspect ~ U(log ratio)); the first box that fits
+  wins; if none fits, the largest center crop with aspect clamped to `ratio`.
+  """
+  height = tf.cast(shape[0], tf.float32)
+  width = tf.cast(shape[1], tf.float32)
+  area_seed, ratio_seed, top_seed, left_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 4))
+  tries = 10
+  area = height * width * tf.random.stateless_uniform([tries], area_seed, scale[0], scale[1])
+  aspect = tf.exp(tf.random.stateless_uniform([tries], ratio_seed, math.log(ratio[0]),
+                                              math.log(ratio[1])))
+  crop_w = tf.round(tf.sqrt(area * aspect))
+  crop_h = tf.round(tf.sqrt(area / aspect))
+  fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
+  first = tf.argmax(tf.cast(fits, tf.int32))
+  # Fallback: whole image, or its center crop when its aspect is outside `ratio`.
+  image_aspect = width / height
+  fallback_w = tf.where(image_aspect < ratio[0], width, tf.where(
+      image_aspect > ratio[1], tf.round(height * ratio[1]), width))
+  fallback_h = tf.where(image_aspect < ratio[0], tf.round(width / ratio[0]), height)
+  found = tf.reduce_any(fits)
+  crop_h = tf.where(found, crop_h[first], fallback_h)
+  crop_w = tf.where(found, crop_w[first], fallback_w)
+  # torch.randint(0, n + 1): uniform offsets; uniform() < 1 keeps them in range.
+  top = tf.floor(tf.random.stateless_uniform([], top_seed) * (height - crop_h + 1))
+  left = tf.floor(tf.random.stateless_uniform([], left_seed) * (width - crop_w + 1))
+  top = tf.where(found, top, tf.floor((height - crop_h) / 2))
+  left = tf.where(found, left, tf.floor((width - crop_w) / 2))
+  return tf.cast(tf.stack([top, left, crop_h, crop_w]), tf.int32)
+
+
+def _resize_uint8(image: tf.Tensor, size: tf.Tensor | tuple[int, int]) -> tf.Tensor:
+  resized = tf.image.resize(image, size, method='bilinear', antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+
+def _normalize(image: tf.Tensor, p: Preprocess) -> tf.Tensor:
+  image = tf.cast(image, tf.float32) / 255.0
+  return (image - tf.constant(p.mean)) / tf.constant(p.std)
+
+
+def train_image(image: tf.Tensor, seed: tf.Tensor, *, image_size: int, p: Preprocess) -> tf.Tensor:
+  """One training image: encoded bytes or uint8 (H, W, C) -> float32 (size, size, 3), normalized.
+
+  Args:
+    image: encoded image bytes (scalar string) or decoded uint8 (H, W, 1 or 3).
+    seed: stateless seed, int (2,): same seed, same augmentation.
+    image_size: output side.
+    p: the settings.
+  """
+  crop_seed, flip_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  if p.random_resized_crop:
+    box = random_resized_crop_box(_image_shape(image), crop_seed, scale=p.scale, ratio=p.ratio)
+    image = _resize_uint8(_crop(image, box), (image_size, image_size))
+  else:
+    image = _decode(image)
+    if image.shape[:2] != (image_size, image_size):
+      image = _resize_uint8(image, (image_size, image_size))
+    if p.pad:
+      image = tf.pad(image, [[p.pad, p.pad], [p.pad, p.pad], [0, 0]])
+      image = tf.image.stateless_random_crop(image, (image_size, image_size, 3), crop_seed)
+  image = tf.ensure_shape(image, (image_size, image_size, 3))
+  if p.flip:
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  image = randaugment.randaugment(image, augment_seed, num_layers=p.randaugment_layers,
+                                  num_levels=p.randaugment_levels)
+  return _normalize(image, p)
+
+
+def eval_image(image: tf.Tensor, *, image_size: int, p: Preprocess) -> tf.Tensor:
+  """One eval image: resize shorter side to image_size / crop_ratio, center crop, normalize.
+
+  Args:
+    image: encoded image bytes (scalar string) or decoded uint8 (H, W, 1 or 3).
+    image_size: output side.
+    p: the settings (crop_ratio, mean, std are used).
+  """
+  image = _decode(image)
+  # torchvision Resize(int): shorter side -> size, longer side scaled and truncated (exact in
+  # integers). The epsilon keeps e.g. 224 / (224 / 256) from truncating to 255.
+  short_side = int(image_size / p.crop_ratio + 1e-6)
+  shape = tf.shape(image)[:2]
+  new_shape = shape * short_side // tf.reduce_min(shape)
+  image = _resize_uint8(image, new_shape)
+  # torchvision CenterCrop rounds the offset.
+  top = tf.cast(tf.round(tf.cast(new_shape[0] - image_size, tf.float32) / 2), tf.int32)
+  left = tf.cast(tf.round(tf.cast(new_shape[1] - image_size, tf.float32) / 2), tf.int32)
+  image = tf.slice(image, [top, left, 0], [image_size, image_size, 3])
+  return _normalize(tf.ensure_shape(image, (image_size, image_size, 3)), p)
