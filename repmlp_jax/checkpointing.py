@@ -3,7 +3,7 @@ last checkpoint and the best one (highest eval top-1), restores into sharded abs
 turns SIGTERM / a preemption notice into a save at the next step boundary.
 
 Every process calls save and restore (orbax writes from the primary host and synchronises the
-others). Saves are asynchronous; `close()` waits for the last one.
+others). Saves are synchronous.
 """
 
 import os
@@ -34,7 +34,10 @@ class Checkpoints:
         policies.BestN(get_metric_fn=lambda metrics: metrics[best_metric], n=1,
                        keep_checkpoints_without_metrics=False),
     ])
-    options = ocp.CheckpointManagerOptions(preservation_policy=keep, create=True)
+    # Synchronous saves: the state is donated to the next step, and a save every few thousand
+    # steps costs seconds; a finished save() is a complete checkpoint.
+    options = ocp.CheckpointManagerOptions(preservation_policy=keep, create=True,
+                                           enable_async_checkpointing=False)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -60,7 +63,7 @@ class Checkpoints:
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
   def save(self, step: int, state: Any, metrics: dict[str, float] | None = None) -> None:
-    """Starts writing `state` as checkpoint `step` (asynchronously; the arrays are copied first).
+    """Writes `state` as checkpoint `step` (atomically: a temporary directory, then renamed).
 
     Args:
       step: the number of training steps `state` has taken.

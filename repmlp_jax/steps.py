@@ -146,7 +146,11 @@ class Experiment:
   def _init(self) -> State:
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(self.config.seed))
     size = self.config.image_size
-    variables = self.model.init(init_rng, jnp.zeros((1, size, size, 3), jnp.float32))
+    # Non-partitionable threefry: XLA compiles the many small initializers about 4x faster
+    # (CPU: 31 s -> 8 s for the digits model), and the values still do not depend on how the
+    # parameters are sharded.
+    with jax.threefry_partitionable(False):
+      variables = self.model.init(init_rng, jnp.zeros((1, size, size, 3), jnp.float32))
     state = {'params': variables['params'], 'batch_stats': variables['batch_stats'],
              'opt_state': self.tx.init(variables['params']),
              'step': jnp.zeros((), jnp.int32), 'rng': train_rng}
