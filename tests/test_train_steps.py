@@ -17,10 +17,20 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import common
+from configs import digits
+from configs import finetune_b224
+from configs import imagenet_b224
+from configs import imagenet_b256
+from configs import imagenet_d256
+from configs import imagenet_l256
+from configs import imagenet_t224
+from configs import imagenet_t256
+from repmlp_jax import model_io
 from repmlp_jax import optim
+from repmlp_jax import reparameterize
 from repmlp_jax import sharding
 from repmlp_jax import steps as steps_lib
-from tests import helpers
+from repmlp_jax import trainer
 
 NUM_CLASSES = 10
 GLOBAL_BATCH = 16
@@ -80,6 +90,22 @@ def assert_states_close(a, b):
       # (numerically) zero gradients stay near 0 and their relative error means nothing.
       err = np.max(np.abs(x - y)) / max(np.max(np.abs(x)), 1e-2)
       assert err < TOLERANCE, f'{name}{jax.tree_util.keystr(path)}: error {err}, max {np.max(np.abs(x))}'
+
+
+@pytest.mark.parametrize('module', [imagenet_t224, imagenet_b224, imagenet_t256, imagenet_b256,
+                                    imagenet_d256, imagenet_l256, finetune_b224, digits])
+def test_configs_build_their_model(module):
+  config = module.get_config()
+  model = steps_lib.build_model(config, 1000)  # Resolves the name; checks the image sizes.
+  assert config.image_size % model.input_multiple == 0
+  if module.__name__.startswith('configs.imagenet'):
+    recipe = (config.global_batch_size, config.num_epochs, config.warmup_epochs, config.base_lr,
+              config.warmup_lr, config.min_lr, config.weight_decay, config.grad_clip_norm,
+              config.label_smoothing, config.mixup_alpha, config.cutmix_alpha,
+              config.mixup_switch_prob, config.ema_decay, config.dataset)
+    assert recipe == (256, 100, 10, 1e-3, 5e-7, 0.0, 0.1, 5.0, 0.1, 0.4, 1.0, 0.5, 0.0,
+                      'imagenet2012')
+    assert model.image_size == config.image_size == config.eval_image_size
 
 
 def test_schedule_warmup_then_cosine():
@@ -157,6 +183,23 @@ def test_fsdp_shards_large_arrays_and_matches_one_device(one_device):
   assert exp.state_sharding['params']['head']['bias'].spec == P()  # Small: replicated.
   np.testing.assert_allclose(losses_8, one_device[0], rtol=TOLERANCE)
   assert_states_close(state_8, one_device[1])
+
+
+def test_load_pretrained_keeps_all_but_a_resized_head(tmp_path):
+  source = steps_lib.Experiment(tiny_config(), num_classes=7, steps=tiny_steps())
+  source_state = jax.device_get(source.init_state())
+  variables = {'params': source_state['params'], 'batch_stats': source_state['batch_stats']}
+  model_io.save_model(tmp_path / 'imported', source.model, variables)
+  exp = steps_lib.Experiment(tiny_config(seed=1), num_classes=NUM_CLASSES, steps=tiny_steps())
+  fresh = jax.device_get(exp.init_state())
+  loaded = jax.device_get(trainer.load_pretrained(exp, exp.init_state(), str(tmp_path / 'imported')))
+  np.testing.assert_array_equal(loaded['params']['stages_1_0']['repmlp_block']['fc3'],
+                                source_state['params']['stages_1_0']['repmlp_block']['fc3'])
+  np.testing.assert_array_equal(loaded['params']['head']['kernel'], fresh['params']['head']['kernel'])
+  assert loaded['params']['head']['kernel'].shape == (16, NUM_CLASSES)
+  with pytest.raises(ValueError, match='deploy-form model'):
+    model_io.save_model(tmp_path / 'deploy', *reparameterize.reparam(source.model, variables))
+    trainer.load_pretrained(exp, exp.init_state(), str(tmp_path / 'deploy'))
 
 
 def _free_port() -> int:
