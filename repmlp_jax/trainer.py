@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from repmlp_jax import checkpointing
 from repmlp_jax import input_pipeline
@@ -225,7 +226,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       eval_metrics = exp.evaluate(state, _eval_batches(config, exp.batch_sharding))
       bar.write(_summary(step, eval_metrics))
     deploy_dir = os.path.join(workdir, 'deploy')
-    if not os.path.exists(deploy_dir):
+    # Decided by process 0 for all: save_model is collective, every process must join it.
+    exists = multihost_utils.broadcast_one_to_all(np.asarray(os.path.exists(deploy_dir)))
+    if not exists:
       model_io.save_model(deploy_dir, exp.deploy_model,
                           exp.reparam({'params': state['params'],
                                        'batch_stats': state['batch_stats']}))

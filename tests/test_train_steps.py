@@ -74,11 +74,14 @@ def run_steps(config, devices, batches):
   exp = steps_lib.Experiment(config, num_classes=NUM_CLASSES, steps=tiny_steps(),
                              mesh=sharding.create_mesh(devices))
   state = exp.init_state()
-  losses = []
+  losses, params = [], [jax.device_get(state['params'])]
   for batch in batches:
     state, measurements = exp.train_step(state, sharding.global_batch(batch, exp.batch_sharding))
     losses.append(measurements['loss'])
-  return np.asarray(jax.device_get(losses)), jax.device_get(state), exp
+    params.append(jax.device_get(state['params']))
+  state = jax.device_get(state)
+  state['history'] = params  # Parameters before the first and after every step.
+  return np.asarray(jax.device_get(losses)), state, exp
 
 
 def assert_states_close(a, b):
@@ -174,7 +177,8 @@ def test_eight_devices_match_one_device(one_device):
 
 
 def test_fsdp_shards_large_arrays_and_matches_one_device(one_device):
-  config = tiny_config(fsdp=True, fsdp_min_size=256)
+  # With an EMA of the weights, which must not change the training itself.
+  config = tiny_config(fsdp=True, fsdp_min_size=256, ema_decay=0.5)
   losses_8, state_8, exp = run_steps(config, jax.devices(), global_batches())
   fc3 = exp.state_sharding['params']['stages_0_0']['repmlp_block']['fc3']
   assert 'data' in fc3.spec  # (2, 16, 16): the 16-wide axes divide by 8.
@@ -183,6 +187,12 @@ def test_fsdp_shards_large_arrays_and_matches_one_device(one_device):
   assert exp.state_sharding['params']['head']['bias'].spec == P()  # Small: replicated.
   np.testing.assert_allclose(losses_8, one_device[0], rtol=TOLERANCE)
   assert_states_close(state_8, one_device[1])
+  assert exp.state_sharding['ema']['params']['stages_0_0']['repmlp_block']['fc3'].spec == fc3.spec
+  expected = state_8['history'][0]
+  for params in state_8['history'][1:]:
+    expected = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, expected, params)
+  for a, b in zip(jax.tree.leaves(state_8['ema']['params']), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_load_pretrained_keeps_all_but_a_resized_head(tmp_path):
