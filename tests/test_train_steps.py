@@ -207,8 +207,8 @@ def test_load_pretrained_keeps_all_but_a_resized_head(tmp_path):
                                 source_state['params']['stages_1_0']['repmlp_block']['fc3'])
   np.testing.assert_array_equal(loaded['params']['head']['kernel'], fresh['params']['head']['kernel'])
   assert loaded['params']['head']['kernel'].shape == (16, NUM_CLASSES)
+  model_io.save_model(tmp_path / 'deploy', *reparameterize.reparam(source.model, variables))
   with pytest.raises(ValueError, match='deploy-form model'):
-    model_io.save_model(tmp_path / 'deploy', *reparameterize.reparam(source.model, variables))
     trainer.load_pretrained(exp, exp.init_state(), str(tmp_path / 'deploy'))
 
 
