@@ -63,7 +63,8 @@ def state_sharding(abstract_state: Any, mesh: Mesh, *, fsdp: bool = False,
   return jax.tree.map(one, abstract_state)
 
 
-def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+def global_batch(local_batch: dict[str, np.ndarray],
+                 sharding: NamedSharding) -> dict[str, jax.Array]:
   """This process's rows -> global arrays (the process-local rows, in process order).
 
   Args:
