@@ -125,6 +125,12 @@ def test_missing_data_dir_and_unknown_variant_fail_clearly(tmp_path):
   config.data_dir = str(tmp_path / 'nowhere')
   with pytest.raises(FileNotFoundError, match='data_dir=.*nowhere.* does not exist'):
     trainer.train_and_evaluate(config, str(tmp_path / 'work'))
+  config.data_dir = str(tmp_path)  # Exists, but ImageNet was never built there.
+  with pytest.raises(FileNotFoundError, match="'imagenet2012' is not prepared.*tfds build"):
+    trainer.train_and_evaluate(config, str(tmp_path / 'work'))
+  config.dataset, config.data_dir = 'image_folder', None
+  with pytest.raises(ValueError, match="'image_folder' needs --config.data_dir"):
+    trainer.train_and_evaluate(config, str(tmp_path / 'work'))
   config = digits_config()
   config.model = 'RepMLPNet-B999'
   with pytest.raises(ValueError, match="Unknown model 'RepMLPNet-B999'"):
