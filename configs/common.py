@@ -18,8 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Model: any name create_model knows; model_overrides are passed on as its settings.
   config.model = 'RepMLPNet-B224'
   config.model_overrides = ml_collections.ConfigDict()
-  # Start from a model saved by repmlp_jax.model_io.save_model (convert.py, a deploy checkpoint
-  # is not trainable: give the training form). The head is re-initialised when its size differs.
+  # Start from a model directory written by repmlp_jax.model_io.save_model, in training form
+  # (a deploy-form model cannot be trained). The head starts fresh when its size differs.
   config.init_from = config_dict.placeholder(str)
 
   # Data (repmlp_jax.input_pipeline): 'imagenet2012', 'cifar10', 'cifar100', 'image_folder',
