@@ -27,7 +27,6 @@ from configs import imagenet_t224
 from configs import imagenet_t256
 from repmlp_jax import model_io
 from repmlp_jax import optim
-from repmlp_jax import reparameterize
 from repmlp_jax import sharding
 from repmlp_jax import steps as steps_lib
 from repmlp_jax import trainer
@@ -160,9 +159,8 @@ def test_unknown_variant_and_bad_image_size_fail_clearly():
 
 @pytest.fixture(scope='module')
 def one_device():
-  """Losses and final state of NUM_STEPS steps on a 1-device mesh: the reference."""
-  losses, state, _ = run_steps(tiny_config(), jax.devices()[:1], global_batches())
-  return losses, state
+  """Losses, final state and Experiment of NUM_STEPS steps on a 1-device mesh: the reference."""
+  return run_steps(tiny_config(), jax.devices()[:1], global_batches())
 
 
 def test_eight_devices_match_one_device(one_device):
@@ -195,21 +193,26 @@ def test_fsdp_shards_large_arrays_and_matches_one_device(one_device):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_load_pretrained_keeps_all_but_a_resized_head(tmp_path):
-  source = steps_lib.Experiment(tiny_config(), num_classes=7, steps=tiny_steps())
-  source_state = jax.device_get(source.init_state())
-  variables = {'params': source_state['params'], 'batch_stats': source_state['batch_stats']}
-  model_io.save_model(tmp_path / 'imported', source.model, variables)
-  exp = steps_lib.Experiment(tiny_config(seed=1), num_classes=NUM_CLASSES, steps=tiny_steps())
+def test_load_pretrained_keeps_all_but_a_resized_head(one_device, tmp_path):
+  _, trained, exp = one_device
+  variables = {'params': dict(trained['params']), 'batch_stats': trained['batch_stats']}
+  rng = np.random.default_rng(0)  # An imported model with 7 classes instead of 10.
+  variables['params']['head'] = {'kernel': rng.normal(size=(16, 7)).astype(np.float32),
+                                 'bias': np.zeros(7, np.float32)}
+  model_io.save_model(tmp_path / 'imported', exp.model.clone(num_classes=7), variables)
   fresh = jax.device_get(exp.init_state())
-  loaded = trainer.load_pretrained(exp, exp.init_state(), str(tmp_path / 'imported'))
-  loaded = jax.device_get(loaded)
-  np.testing.assert_array_equal(loaded['params']['stages_1_0']['repmlp_block']['fc3'],
-                                source_state['params']['stages_1_0']['repmlp_block']['fc3'])
+  loaded = jax.device_get(trainer.load_pretrained(exp, exp.init_state(),
+                                                  str(tmp_path / 'imported')))
+  for collection in ('params', 'batch_stats'):
+    got, want = loaded[collection]['stages_1_0'], trained[collection]['stages_1_0']
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(loaded['params']['head']['kernel'],
                                 fresh['params']['head']['kernel'])
-  assert loaded['params']['head']['kernel'].shape == (16, NUM_CLASSES)
-  model_io.save_model(tmp_path / 'deploy', *reparameterize.reparam(source.model, variables))
+  assert int(loaded['step']) == 0
+  deploy_variables = exp.reparam({'params': trained['params'],
+                                  'batch_stats': trained['batch_stats']})
+  model_io.save_model(tmp_path / 'deploy', exp.deploy_model, deploy_variables)
   with pytest.raises(ValueError, match='deploy-form model'):
     trainer.load_pretrained(exp, exp.init_state(), str(tmp_path / 'deploy'))
 
@@ -232,7 +235,7 @@ def test_two_processes_match_one_process(one_device, tmp_path):
   outputs = [w.communicate(timeout=300)[0] for w in workers]
   for w, out in zip(workers, outputs):
     assert w.returncode == 0, out[-3000:]
-  reference_losses, reference_state = one_device
+  reference_losses, reference_state, _ = one_device
   for i in range(2):
     result = np.load(tmp_path / f'{i}.npz')
     assert int(result['device_count']) == 4 and int(result['process_count']) == 2
