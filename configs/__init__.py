@@ -1,0 +1,1 @@
+"""Experiment configs for train.py: one file per experiment, shared defaults in common.py."""

@@ -1,0 +1,77 @@
+"""Shared defaults of every experiment: the official RepMLPNet ImageNet recipe.
+
+Each experiment file calls `get_config()` and changes what differs. Durations are in epochs
+(fractions allowed) and become steps in one place, `repmlp_jax.trainer.derive_steps`;
+`num_train_steps > 0` replaces `num_epochs` (short runs, tests). Learning rates are given for a
+global batch of `lr_reference_batch` images and scaled linearly by the global batch size (the
+base lr, the warmup start and the final lr alike), as the official code does.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The official recipe (REFERENCE section 3) on ImageNet with RepMLPNet-B224."""
+  config = ml_collections.ConfigDict()
+
+  # Model: any name create_model knows; model_overrides are passed on as its settings.
+  config.model = 'RepMLPNet-B224'
+  config.model_overrides = ml_collections.ConfigDict()
+  # Start from a model directory written by repmlp_jax.model_io.save_model, in training form
+  # (a deploy-form model cannot be trained). The head starts fresh when its size differs.
+  config.init_from = config_dict.placeholder(str)
+
+  # Data (repmlp_jax.input_pipeline): 'imagenet2012', 'cifar10', 'cifar100', 'image_folder',
+  # 'digits'. image_size: training crop; eval_image_size: test resize + center crop side.
+  config.dataset = 'imagenet2012'
+  config.data_dir = config_dict.placeholder(str)
+  config.image_size = 224
+  config.eval_image_size = 224
+  # Fields of repmlp_jax.preprocess.Preprocess replacing the data set's default recipe.
+  config.preprocess_overrides = ml_collections.ConfigDict()
+  config.shuffle_buffer = 16_384
+
+  # Batches are global (all devices of all hosts together).
+  config.global_batch_size = 256
+  config.eval_batch_size = 256
+  config.seed = 0
+
+  # Schedule: linear warmup from warmup_lr, then cosine per step to min_lr (timm's
+  # CosineLRScheduler with t_in_epochs=False, as the official code).
+  config.num_epochs = 100.0
+  config.num_train_steps = -1
+  config.warmup_epochs = 10.0
+  config.base_lr = 1e-3
+  config.warmup_lr = 5e-7
+  config.min_lr = 0.0
+  config.lr_reference_batch = 256
+
+  # AdamW; no weight decay on 1-D parameters (every BatchNorm parameter, every bias).
+  config.weight_decay = 0.1
+  config.adam_b1 = 0.9
+  config.adam_b2 = 0.999
+  config.adam_eps = 1e-8
+  config.grad_clip_norm = 5.0  # Global norm; <= 0 disables.
+
+  # Targets: label smoothing through mixup / CutMix (per batch, timm's mode='batch').
+  # mixup_alpha = cutmix_alpha = 0 turns mixing off (labels are still smoothed).
+  config.label_smoothing = 0.1
+  config.mixup_alpha = 0.4
+  config.cutmix_alpha = 1.0
+  config.mixup_switch_prob = 0.5
+  config.mixup_prob = 1.0
+
+  # Exponential moving average of the weights, evaluated besides the model (0 = off, official).
+  config.ema_decay = 0.0
+
+  # Sharding: data-parallel over every device; with fsdp the parameters and the optimizer
+  # state whose size is at least fsdp_min_size elements are also split along the 'data' axis.
+  config.fsdp = False
+  config.fsdp_min_size = 2**18
+
+  # Cadence.
+  config.eval_every_epochs = 1.0
+  config.checkpoint_every_steps = 1000
+  config.log_every_steps = 50
+  return config

@@ -1,0 +1,116 @@
+"""Training checkpoints: an orbax CheckpointManager in `<workdir>/checkpoints` that keeps the
+last checkpoint and the best one (highest eval top-1), restores into sharded abstract targets, and
+turns SIGTERM / a preemption notice into a save at the next step boundary.
+
+Every process calls save and restore (orbax writes from the primary host and synchronises the
+others). Saves are synchronous.
+"""
+
+import os
+import signal
+import threading
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+BEST_METRIC = 'top1'
+
+
+class Checkpoints:
+  """The training state's checkpoints in one directory: last and best kept."""
+
+  def __init__(self, directory: str | os.PathLike, *, best_metric: str = BEST_METRIC):
+    """Opens (creating if needed) `directory`.
+
+    Args:
+      directory: where step directories `<step>/` are written.
+      best_metric: key of the eval metrics whose maximum marks the best checkpoint.
+    """
+    self.directory = os.path.abspath(os.fspath(directory))
+    keep = policies.AnyPreservationPolicy([
+        policies.LatestN(n=1),
+        policies.BestN(get_metric_fn=lambda metrics: metrics[best_metric], n=1,
+                       keep_checkpoints_without_metrics=False),
+    ])
+    # Synchronous saves: the state is donated to the next step, and a save every few thousand
+    # steps costs seconds; a finished save() is a complete checkpoint.
+    options = ocp.CheckpointManagerOptions(preservation_policy=keep, create=True,
+                                           enable_async_checkpointing=False)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    """The step of the newest complete checkpoint, or None."""
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The step of the checkpoint with the highest best_metric, or None."""
+    return self._manager.best_step()
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> Any:
+    """Reads a checkpoint into the shapes, dtypes and shardings of `abstract_state`.
+
+    Args:
+      abstract_state: pytree of jax.ShapeDtypeStruct carrying `sharding`.
+      step: which checkpoint; default the latest.
+    Returns:
+      The state, each array placed as its abstract leaf says.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'No checkpoint in {self.directory}.')
+    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+  def save(self, step: int, state: Any, metrics: dict[str, float] | None = None) -> None:
+    """Writes `state` as checkpoint `step` (atomically: a temporary directory, then renamed).
+
+    Args:
+      step: the number of training steps `state` has taken.
+      state: the training state pytree.
+      metrics: eval metrics of this state (a checkpoint with metrics can be the best one).
+    """
+    self._manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process when the cluster announced a preemption (multi-process runs)."""
+    return jax.process_count() > 1 and self._manager.reached_preemption(step)
+
+  def close(self) -> None:
+    """Waits for pending writes and releases the manager."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+class StopRequest:
+  """Turns SIGTERM / SIGINT into a request to checkpoint and stop at the next step boundary.
+
+  Only in single-process runs: with several processes a signal may reach some of them only, and
+  a stop decided by one process alone would hang the others in their next collective. There,
+  jax's preemption service (started by jax.distributed.initialize, which also watches SIGTERM)
+  synchronises the decision: see Checkpoints.reached_preemption.
+  """
+
+  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+    self._requested = False
+    self._previous = {}
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      for signum in signals:
+        self._previous[signum] = signal.signal(signum, self._handle)
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if self._requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # A second Ctrl-C stops at once.
+    self._requested = True
+
+  @property
+  def requested(self) -> bool:
+    """Whether a signal asked the run to stop."""
+    return self._requested
+
+  def close(self) -> None:
+    """Restores the signal handlers that were there before."""
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}

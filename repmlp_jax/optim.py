@@ -1,0 +1,57 @@
+"""The optimizer of the official recipe: grad-norm clipping, then AdamW with a weight-decay mask
+and a per-step learning-rate schedule (linear warmup, then cosine), as optax transformations."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, *, total_steps: int,
+                           warmup_steps: int) -> optax.Schedule:
+  """Linear warmup from warmup_lr to the base lr, then cosine to min_lr, per step.
+
+  timm's CosineLRScheduler(t_in_epochs=False), which the official code uses: the cosine runs over
+  the whole run (warmup included), so it starts slightly below the peak after warmup. Every lr
+  scales with global_batch_size / lr_reference_batch.
+
+  Args:
+    config: base_lr, warmup_lr, min_lr, global_batch_size, lr_reference_batch.
+    total_steps: steps of the whole run.
+    warmup_steps: steps of linear warmup.
+  Returns:
+    step -> learning rate (jit-able).
+  """
+  scale = config.global_batch_size / config.lr_reference_batch
+  peak, start, end = config.base_lr * scale, config.warmup_lr * scale, config.min_lr * scale
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warmup = start + (peak - start) * step / max(warmup_steps, 1)
+    progress = jnp.minimum(step, total_steps) / max(total_steps, 1)
+    cosine = end + 0.5 * (peak - end) * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(step < warmup_steps, warmup, cosine)
+
+  return schedule
+
+
+def decay_mask(params) -> object:
+  """True where weight decay applies: kernels (ndim > 1). BN parameters and biases are 1-D."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def create_optimizer(config: ml_collections.ConfigDict,
+                     schedule: optax.Schedule) -> optax.GradientTransformation:
+  """clip_by_global_norm(grad_clip_norm) followed by AdamW (decoupled decay, masked).
+
+  Args:
+    config: grad_clip_norm (<= 0: no clipping), adam_b1, adam_b2, adam_eps, weight_decay.
+    schedule: the learning rate per step.
+  Returns:
+    The optax transformation; its state mirrors the parameter tree (FSDP shards it alike).
+  """
+  adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                      weight_decay=config.weight_decay, mask=decay_mask)
+  if config.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+  return adamw
