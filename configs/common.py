@@ -48,6 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.lr_reference_batch = 256
 
   # AdamW; no weight decay on 1-D parameters (every BatchNorm parameter, every bias).
+  # optimizer = 'sgd' uses sgd_momentum / sgd_nesterov and L2 weight decay instead.
+  config.optimizer = 'adamw'
+  config.sgd_momentum = 0.9
+  config.sgd_nesterov = False
   config.weight_decay = 0.1
   config.adam_b1 = 0.9
   config.adam_b2 = 0.999

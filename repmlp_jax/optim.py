@@ -1,5 +1,6 @@
 """The optimizer of the official recipe: grad-norm clipping, then AdamW with a weight-decay mask
-and a per-step learning-rate schedule (linear warmup, then cosine), as optax transformations."""
+and a per-step learning-rate schedule (linear warmup, then cosine), as optax transformations.
+SGD with momentum and coupled (L2, PyTorch-style) weight decay serves the CIFAR recipes."""
 
 import jax
 import jax.numpy as jnp
@@ -42,16 +43,26 @@ def decay_mask(params) -> object:
 
 def create_optimizer(config: ml_collections.ConfigDict,
                      schedule: optax.Schedule) -> optax.GradientTransformation:
-  """clip_by_global_norm(grad_clip_norm) followed by AdamW (decoupled decay, masked).
+  """clip_by_global_norm(grad_clip_norm) followed by AdamW (decoupled decay, masked) or SGD.
 
   Args:
-    config: grad_clip_norm (<= 0: no clipping), adam_b1, adam_b2, adam_eps, weight_decay.
+    config: optimizer ('adamw' or 'sgd'), grad_clip_norm (<= 0: no clipping), weight_decay;
+      adam_b1, adam_b2, adam_eps for AdamW; sgd_momentum, sgd_nesterov for SGD, whose weight
+      decay is added to the gradient (torch.optim.SGD's), on the same mask.
     schedule: the learning rate per step.
   Returns:
     The optax transformation; its state mirrors the parameter tree (FSDP shards it alike).
   """
-  adamw = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-                      weight_decay=config.weight_decay, mask=decay_mask)
+  name = config.get('optimizer', 'adamw')
+  if name == 'adamw':
+    update = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                         weight_decay=config.weight_decay, mask=decay_mask)
+  elif name == 'sgd':
+    update = optax.chain(
+        optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+        optax.sgd(schedule, momentum=config.sgd_momentum, nesterov=config.sgd_nesterov))
+  else:
+    raise ValueError(f"Unknown optimizer {name!r}: choose 'adamw' or 'sgd'.")
   if config.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
-  return adamw
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), update)
+  return update
