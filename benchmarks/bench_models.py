@@ -93,13 +93,12 @@ def xla_memory_mib(compiled) -> float:
   return (total - m.alias_size_in_bytes) / 2**20
 
 
-def matmul_rate(size: int, repeats: int) -> float:
-  """FLOP/s of a (size x size) @ (size x size) float32 jnp.dot on the default device."""
+def matmul_case(size: int) -> tuple[Callable[[], Any], float]:
+  """A (size x size) @ (size x size) float32 jnp.dot on the default device, and its FLOPs."""
   a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
   b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
   dot = jax.jit(jnp.dot)
-  seconds = time_round_robin({'dot': lambda: dot(a, b).block_until_ready()}, repeats, 2)['dot']
-  return 2 * size**3 / seconds
+  return (lambda: dot(a, b).block_until_ready()), 2.0 * size**3
 
 
 def _cross_entropy(logits, labels):
@@ -211,25 +210,28 @@ def run(model_names, batch_sizes, *, repeats: int = 5, warmup: int = 1, with_tor
   if use_torch:
     torch.set_num_threads(threads)
   results = {'device': str(jax.devices()[0]), 'threads': threads, 'jax': jax.__version__,
-             'torch': torch.__version__ if use_torch else None,
-             'matmul_gflops': matmul_rate(matmul_size, repeats) / 1e9, 'cases': []}
+             'torch': torch.__version__ if use_torch else None, 'matmul_size': matmul_size,
+             'cases': []}
+  matmul, matmul_flops = matmul_case(matmul_size)
   for name in model_names:
     for batch in batch_sizes:
       jax_case = JaxCase(name, batch)
-      fns = {f'jax_{k}': f for k, f in jax_case.fns.items()}
+      # The matmul rate is timed in the same round-robin, under the same load.
+      fns = {'matmul': matmul, **{f'jax_{k}': f for k, f in jax_case.fns.items()}}
       torch_case = TorchCase(name, batch) if use_torch else None
       if torch_case:
         fns.update({f'torch_{k}': f for k, f in torch_case.fns.items()})
       seconds = time_round_robin(fns, repeats, warmup)
       # Measured after the timing; the train-step sample includes its optimizer state update.
-      rss = {k: peak_rss_growth(f) for k, f in fns.items()}
+      rss = {k: peak_rss_growth(f) for k, f in fns.items() if k != 'matmul'}
       case = {'model': models.resolve_name(name), 'batch': batch,
-              'images_per_s': {k: batch / s for k, s in seconds.items()},
+              'images_per_s': {k: batch / s for k, s in seconds.items() if k != 'matmul'},
+              'matmul_gflops': matmul_flops / seconds['matmul'] / 1e9,
               'rss_mib': rss, 'jax': jax_case.stats,
               'torch': torch_case.stats if torch_case else None}
       deploy_rate = jax_case.deploy_flops / seconds['jax_deploy_fwd']
       case['deploy_gflops'] = deploy_rate / 1e9
-      case['deploy_fraction_of_matmul'] = deploy_rate / (results['matmul_gflops'] * 1e9)
+      case['deploy_fraction_of_matmul'] = deploy_rate / (case['matmul_gflops'] * 1e9)
       case['deploy_over_train_fwd'] = seconds['jax_train_fwd'] / seconds['jax_deploy_fwd']
       if torch_case:
         case['jax_over_torch'] = {k: seconds[f'torch_{k}'] / seconds[f'jax_{k}']
@@ -240,7 +242,7 @@ def run(model_names, batch_sizes, *, repeats: int = 5, warmup: int = 1, with_tor
 
 def format_table(results: dict[str, Any]) -> str:
   lines = [f"device {results['device']}, {results['threads']} threads, jax {results['jax']}, "
-           f"torch {results['torch']}; float32 matmul {results['matmul_gflops']:.1f} GFLOP/s"]
+           f"torch {results['torch']}"]
   header = (f"{'model':16} {'batch':>5} {'what':12} {'jax img/s':>10} {'torch img/s':>11} "
             f"{'ratio':>6} {'compile s':>9} {'xla MiB':>8} {'rss MiB jax/torch':>18}")
   lines += [header, '-' * len(header)]
@@ -259,7 +261,8 @@ def format_table(results: dict[str, Any]) -> str:
     torch_reparam = c['torch']['reparam_s'] if c['torch'] else float('nan')
     lines.append(
         f"{'':16} {'':5} deploy: {c['deploy_gflops']:.1f} GFLOP/s = "
-        f"{100 * c['deploy_fraction_of_matmul']:.0f}% of matmul; deploy/train fwd "
+        f"{100 * c['deploy_fraction_of_matmul']:.0f}% of the matmul rate "
+        f"({c['matmul_gflops']:.1f} GFLOP/s, {results['matmul_size']}^2 jnp.dot); deploy/train fwd "
         f"{c['deploy_over_train_fwd']:.2f}x; reparam {c['jax']['reparam_s']:.3f} s "
         f"(compile {c['jax']['reparam_compile_s']:.1f} s; torch {torch_reparam:.3f} s)")
   return '\n'.join(lines)
