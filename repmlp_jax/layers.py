@@ -83,14 +83,16 @@ class PatchConv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     k = self.kernel_size
     n, height, width, c = x.shape
-    kernel = self.param('kernel', nn.initializers.lecun_normal(), (k, k, c, self.features))
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (k, k, c, self.features),
+                        jnp.float32)  # nn.Conv's param_dtype, also under jax_enable_x64.
     if k > 1:  # (N, H, W, C) -> (N, H/k, W/k, k*k*C) in the kernel's (ky, kx, c) order.
       x = x.reshape(n, height // k, k, width // k, k, c).transpose(0, 1, 3, 2, 4, 5)
       x = x.reshape(n, height // k, width // k, k * k * c)
     y = jnp.dot(x.astype(self.dtype), kernel.reshape(k * k * c, self.features).astype(self.dtype),
                 precision=self.precision)
     if self.use_bias:
-      y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(self.dtype)
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,),
+                         jnp.float32).astype(self.dtype)
     return y
 
 

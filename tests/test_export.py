@@ -14,7 +14,7 @@ from tests import helpers
 @pytest.fixture(scope='module')
 def predictor():
   model = repmlp_jax.create_model('_RepMLPNet-Tiny', num_classes=10)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   variables = helpers.randomize_batch_norm(variables, seed=4)
   return inference.Predictor(model, variables, class_names=[str(i) for i in range(10)])
 

@@ -22,7 +22,7 @@ TINY = '_RepMLPNet-Tiny'
 @pytest.fixture(scope='module')
 def tiny():
   model = repmlp_jax.create_model(TINY, num_classes=1000)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   return model, helpers.randomize_batch_norm(variables, seed=1)
 
 
@@ -43,7 +43,7 @@ def test_predict_tiny_shapes_and_top_k_order(tiny, images):
   assert classes.shape == scores.shape == (7, 5)
   assert classes.dtype == np.int32 and scores.dtype == np.float32
   assert np.all(np.diff(scores, axis=1) <= 0)
-  probs = _softmax(np.asarray(model.apply(variables, images, train=False), np.float64))
+  probs = _softmax(np.asarray(jax.jit(model.apply)(variables, images), np.float64))
   np.testing.assert_array_equal(classes, np.argsort(-probs, axis=1)[:, :5])
   np.testing.assert_allclose(scores, np.take_along_axis(probs, classes, 1), atol=1e-6)
   assert predictor.model.deploy  # Re-parameterized by default.
