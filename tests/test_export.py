@@ -24,10 +24,11 @@ def test_exported_artifact_matches_module(predictor, tmp_path):
   restored = export.load_exported(path)  # Only jax from here on.
   assert restored.in_avals[0].shape[1:] == (32, 32, 3)
   rng = np.random.default_rng(0)
+  apply = jax.jit(predictor.model.apply)
   for n in (1, 5):  # Symbolic batch: one artifact, several batch sizes.
     x = rng.normal(size=(n, 32, 32, 3)).astype(np.float32)
     logits = np.asarray(restored.call(jnp.asarray(x)))
-    expected = predictor.model.apply(predictor.variables, x, train=False)
+    expected = apply(predictor.variables, x)
     assert logits.shape == (n, 10)
     assert helpers.relative_error(expected, logits) < 1e-5
 
