@@ -203,7 +203,7 @@ class TorchCase:
 
 
 def run(model_names, batch_sizes, *, repeats: int = 5, warmup: int = 1, with_torch: bool = True,
-        matmul_size: int = 2048) -> dict[str, Any]:
+        matmul_size: int = 4096) -> dict[str, Any]:
   """Measures every (model, batch) case; returns the figures as a JSON-able dict."""
   threads = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   use_torch = with_torch and torch is not None
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
   parser.add_argument('--batch-sizes', nargs='+', type=int, default=[1, 8])
   parser.add_argument('--repeats', type=int, default=5, help='timed calls per function (median)')
   parser.add_argument('--warmup', type=int, default=1, help='untimed calls after compilation')
-  parser.add_argument('--matmul-size', type=int, default=2048)
+  parser.add_argument('--matmul-size', type=int, default=4096, help='side of the reference matmul')
   parser.add_argument('--no-torch', action='store_true', help='JAX figures only')
   parser.add_argument('--json', default=None, help='also write the figures to this file')
   args = parser.parse_args(argv)
