@@ -64,6 +64,38 @@ def reassemble(rows: jax.Array) -> jax.Array:
   return rows.transpose(0, 2, 4, 3, 5, 1, 6).reshape(n, hp * h, wp * w, groups * s)
 
 
+class PatchConv(nn.Module):
+  """A conv whose stride equals its kernel (no padding, no groups), computed as one matmul.
+
+  The stem (4x4/4), the downsampling convs (2x2/2) and the FFN's 1x1 convs are such convs.
+  XLA:CPU runs a convolution op through its generic conv kernel even for 1x1 windows; cutting
+  the map into patches and calling one dot is markedly faster there (and no slower on
+  accelerators). The variables are those of `nn.Conv` (kernel (k, k, I, O) HWIO, bias (O,)),
+  initialized alike, so checkpoints and the importer see no difference.
+  """
+  features: int
+  kernel_size: int
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  precision: Precision = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    n, height, width, c = x.shape
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (k, k, c, self.features),
+                        jnp.float32)  # nn.Conv's param_dtype, also under jax_enable_x64.
+    if k > 1:  # (N, H, W, C) -> (N, H/k, W/k, k*k*C) in the kernel's (ky, kx, c) order.
+      x = x.reshape(n, height // k, k, width // k, k, c).transpose(0, 1, 3, 2, 4, 5)
+      x = x.reshape(n, height // k, width // k, k * k * c)
+    y = jnp.dot(x.astype(self.dtype), kernel.reshape(k * k * c, self.features).astype(self.dtype),
+                precision=self.precision)
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,),
+                         jnp.float32).astype(self.dtype)
+    return y
+
+
 class ConvBN(nn.Module):
   """Conv (no bias) then BatchNorm; in deploy form one conv with bias."""
   features: int
@@ -77,10 +109,14 @@ class ConvBN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    conv = functools.partial(
-        nn.Conv, self.features, (self.kernel_size,) * 2, strides=(self.strides,) * 2,
-        padding=[(self.padding, self.padding)] * 2, feature_group_count=self.groups,
-        dtype=self.dtype, precision=self.precision, name='conv')
+    if self.kernel_size == self.strides and self.padding == 0 and self.groups == 1:
+      conv = functools.partial(PatchConv, self.features, self.kernel_size, dtype=self.dtype,
+                               precision=self.precision, name='conv')
+    else:
+      conv = functools.partial(
+          nn.Conv, self.features, (self.kernel_size,) * 2, strides=(self.strides,) * 2,
+          padding=[(self.padding, self.padding)] * 2, feature_group_count=self.groups,
+          dtype=self.dtype, precision=self.precision, name='conv')
     if self.deploy:
       return conv(use_bias=True)(x)
     x = conv(use_bias=False)(x)

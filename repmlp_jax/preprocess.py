@@ -21,9 +21,7 @@ import math
 import tensorflow as tf
 
 from repmlp_jax import randaugment
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from repmlp_jax.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,176 @@
+"""Inference: Predictor (tiny model and B224), preprocessing by hand, class names, CLI, errors."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import predict
+import repmlp_jax
+from repmlp_jax import imagenet
+from repmlp_jax import inference
+from repmlp_jax import model_io
+from repmlp_jax import image_files
+from tests import helpers
+
+TINY = '_RepMLPNet-Tiny'
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  model = repmlp_jax.create_model(TINY, num_classes=1000)
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  return model, helpers.randomize_batch_norm(variables, seed=1)
+
+
+@pytest.fixture(scope='module')
+def images():
+  return np.random.default_rng(0).normal(size=(7, 32, 32, 3)).astype(np.float32)
+
+
+def _softmax(logits):
+  e = np.exp(logits - logits.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_predict_tiny_shapes_and_top_k_order(tiny, images):
+  model, variables = tiny
+  predictor = inference.Predictor(model, variables, batch_size=4)
+  classes, scores = predictor.predict(images, top_k=5)
+  assert classes.shape == scores.shape == (7, 5)
+  assert classes.dtype == np.int32 and scores.dtype == np.float32
+  assert np.all(np.diff(scores, axis=1) <= 0)
+  probs = _softmax(np.asarray(jax.jit(model.apply)(variables, images), np.float64))
+  np.testing.assert_array_equal(classes, np.argsort(-probs, axis=1)[:, :5])
+  np.testing.assert_allclose(scores, np.take_along_axis(probs, classes, 1), atol=1e-6)
+  assert predictor.model.deploy  # Re-parameterized by default.
+
+
+def test_partial_batches_compile_once_and_match(tiny, images):
+  predictor = inference.Predictor(*tiny, batch_size=4)
+  all_logits = predictor.logits(images)  # Batches of 4 and 3 (padded).
+  few = predictor.logits(images[:2])
+  one = predictor.logits(images[5])  # A single (H, W, 3) image.
+  assert predictor.num_traces == 1
+  assert all_logits.shape == (7, 1000)
+  np.testing.assert_allclose(few, all_logits[:2], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(one[0], all_logits[5], rtol=1e-5, atol=1e-6)
+
+
+def test_deploy_and_training_forms_agree(tiny, images):
+  deploy = inference.Predictor(*tiny, batch_size=8)
+  train = inference.Predictor(*tiny, batch_size=8, reparameterize_model=False)
+  assert deploy.model.deploy and not train.model.deploy
+  c_d, s_d = deploy.predict(images, top_k=3)
+  c_t, s_t = train.predict(images, top_k=3)
+  np.testing.assert_array_equal(c_d[:, 0], c_t[:, 0])
+  np.testing.assert_allclose(s_d, s_t, atol=1e-5)
+  for f_d, f_t in zip(deploy.features(images), train.features(images)):
+    assert f_d.shape == f_t.shape
+    assert helpers.relative_error(f_t, f_d) < 1e-5
+  shapes = [f.shape for f in deploy.features(images[:2], out_indices=(0, 3))]
+  assert shapes == [(2, 8, 8, 8), (2, 1, 1, 32)]
+
+
+def test_bfloat16_close_to_float32(tiny, images):
+  f32 = inference.Predictor(*tiny)
+  bf16 = inference.Predictor(*tiny, dtype=jnp.bfloat16)
+  dtypes = {a.dtype for a in jax.tree.leaves(bf16.variables['params'])}
+  assert dtypes == {jnp.dtype(jnp.bfloat16)}
+  l32, l16 = f32.logits(images), bf16.logits(images)
+  assert l16.dtype == np.float32
+  err = helpers.relative_error(l32, l16)
+  assert 0 < err < 0.05, err  # Really computed in bfloat16, and still close.
+
+
+def test_b224_predict_random_weights():
+  model = repmlp_jax.create_model('RepMLPNet-B224')
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+  variables = helpers.randomize_batch_norm(variables, seed=2)
+  x = np.random.default_rng(1).normal(size=(2, 224, 224, 3)).astype(np.float32)
+  deploy = inference.Predictor(model, variables, batch_size=2)
+  train = inference.Predictor(model, variables, batch_size=2, reparameterize_model=False)
+  c_d, s_d = deploy.predict(x, top_k=5)
+  c_t, s_t = train.predict(x, top_k=5)
+  assert c_d.shape == s_d.shape == (2, 5)
+  assert np.all(np.diff(s_d, axis=1) <= 0)
+  np.testing.assert_array_equal(c_d[:, 0], c_t[:, 0])
+  np.testing.assert_allclose(s_d, s_t, atol=1e-5)
+  assert deploy.class_names[0] == 'tench'
+
+
+def test_preprocess_by_hand():
+  # 40 wide, 20 high; each column holds its index, so the crop's position is visible.
+  columns = np.tile(np.arange(40, dtype=np.uint8)[None, :, None] * 6, (20, 1, 3))
+  image = Image.fromarray(columns)
+  resized = image_files.resize_short_side(image, 8)
+  assert resized.size == (16, 8)  # Short side 8, long side 40 * 8 / 20.
+  x = image_files.preprocess_image(image, 8)
+  assert x.shape == (8, 8, 3) and x.dtype == np.float32
+  # Center crop of a 16-wide map: columns 4..11; raw values back from the normalization.
+  raw = np.asarray(resized, np.float32)[:, 4:12] / 255.0
+  mean, std = np.array(image_files.IMAGENET_MEAN), np.array(image_files.IMAGENET_STD)
+  np.testing.assert_allclose(x, (raw - mean) / std, rtol=1e-6, atol=1e-6)
+  # crop_ratio 0.5: the short side goes to 16, the crop keeps the central 8 of 32 columns.
+  assert image_files.resize_short_side(image, 16).size == (32, 16)
+  assert image_files.preprocess_image(image, 8, crop_ratio=0.5).shape == (8, 8, 3)
+  grey = Image.new('L', (8, 8), color=255)  # Converted to RGB; white is (1 - mean) / std.
+  np.testing.assert_allclose(image_files.preprocess_image(grey, 8)[0, 0], (1 - mean) / std,
+                             rtol=1e-6)
+
+
+def test_class_names():
+  assert imagenet.imagenet_synsets()[:2] == ('n01440764', 'n01443537')
+  names = imagenet.class_names(1000)
+  assert len(names) == 1000 and names[0] == 'tench' and names[1] == 'goldfish'
+  with pytest.warns(UserWarning, match='10 classes'):
+    assert imagenet.class_names(10) == [str(i) for i in range(10)]
+
+
+def test_clear_errors(tiny, tmp_path):
+  predictor = inference.Predictor(*tiny, batch_size=2)
+  with pytest.raises(ValueError, match='multiples of 32'):
+    predictor.predict(np.zeros((1, 48, 48, 3), np.float32))
+  with pytest.raises(ValueError, match=r'\(N, H, W, 3\)'):
+    predictor.predict(np.zeros((1, 32, 32), np.float32))
+  with pytest.raises(ValueError, match='image_size 40'):
+    inference.Predictor(*tiny, image_size=40)
+  broken = tmp_path / 'broken.jpg'
+  broken.write_bytes(b'not an image at all')
+  with pytest.raises(ValueError, match='broken.jpg'):
+    predictor.predict_files([broken])
+  with pytest.raises(FileNotFoundError, match='missing.png'):
+    predictor.predict_files([tmp_path / 'missing.png'])
+  with pytest.raises(FileNotFoundError, match='No model checkpoint'):
+    inference.Predictor.from_checkpoint(tmp_path / 'no_such_checkpoint')
+
+
+def test_cli_classifies_files_and_exports(tiny, tmp_path, capsys):
+  model, variables = tiny
+  checkpoint = model_io.save_model(tmp_path / 'ckpt', model, variables)
+  rng = np.random.default_rng(3)
+  paths = []
+  for name, size in (('a.png', (50, 40)), ('b.jpg', (32, 64))):
+    path = os.fspath(tmp_path / name)
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+    paths.append(path)
+  out_file = tmp_path / 'tiny.bin'
+  assert predict.main(['--checkpoint', checkpoint, *paths, '--top-k', '3',
+                       '--export', os.fspath(out_file)]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == paths[0] and lines[4] == paths[1]
+  expected_classes, _ = inference.Predictor(model, variables).predict_files(paths, top_k=3)
+  name = imagenet.class_names(1000)[expected_classes[0, 0]]
+  assert lines[1].startswith('  1. ') and lines[1].endswith(f'{name} ({expected_classes[0, 0]})')
+  assert out_file.is_file()
+  # Errors: a message on stderr and status 2, no traceback; nothing overwritten.
+  size = out_file.stat().st_size
+  assert predict.main(['--checkpoint', checkpoint, '--export', os.fspath(out_file)]) == 2
+  assert 'already exists' in capsys.readouterr().err and out_file.stat().st_size == size
+  assert predict.main(['--checkpoint', os.fspath(tmp_path / 'nope'), paths[0]]) == 2
+  assert 'No model checkpoint' in capsys.readouterr().err
+  assert predict.main(['--checkpoint', checkpoint, '--image-size', '48', paths[0]]) == 2
+  assert 'multiples of 32' in capsys.readouterr().err
