@@ -10,13 +10,13 @@ The batch dimension is symbolic by default (any N, one file); the spatial size i
 """
 
 import os
-import tempfile
 
 import jax
 from jax import export as jax_export
 import jax.numpy as jnp
 
 from repmlp_jax import inference
+from repmlp_jax import new_file
 
 
 def export_predictor(predictor: 'inference.Predictor', *, batch_size: int | None = None,
@@ -51,24 +51,8 @@ def save_exported(path: str | os.PathLike, exported: jax_export.Exported) -> str
   Returns:
     The absolute path written.
   """
-  path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path):
-    raise FileExistsError(f'{path} already exists; choose another output file.')
-  directory = os.path.dirname(path)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f'The directory {directory} does not exist; create it first.')
   data = exported.serialize()
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path), suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    # link() fails if `path` appeared meanwhile: the complete file gets its name, or nothing.
-    os.link(tmp, path)
-  finally:
-    os.unlink(tmp)
-  return path
+  return new_file.write_new_file(path, lambda f: f.write(data))
 
 
 def load_exported(path: str | os.PathLike) -> jax_export.Exported:

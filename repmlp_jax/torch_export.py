@@ -8,11 +8,11 @@ instead, wrapped as {'state_dict': ..., 'meta': {...}} in a file.
 
 import collections
 import os
-import tempfile
 from typing import Any
 
 import flax.linen as nn
 
+from repmlp_jax import new_file
 from repmlp_jax import repmlp_resnet
 from repmlp_jax import repmlpnet
 from repmlp_jax import torch_files
@@ -54,8 +54,8 @@ def save_torch(path: str | os.PathLike, model: nn.Module, variables: Any, *,
   """Writes `to_torch_state_dict(model, variables)` with torch.save; never overwrites.
 
   The official layout is a raw state_dict (like the released files); mmpretrain's is
-  {'state_dict': ..., 'meta': {}}. The file is written under a temporary name in the same
-  directory and renamed when complete, so an interrupted export leaves no partial file.
+  {'state_dict': ..., 'meta': {}}. The file is written atomically (`new_file`), so an
+  interrupted export leaves no partial file.
 
   Args:
     path: the .pth file to create; must not exist.
@@ -65,25 +65,7 @@ def save_torch(path: str | os.PathLike, model: nn.Module, variables: Any, *,
     The absolute path written.
   """
   torch = torch_files.require_torch()
-  path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path):
-    raise FileExistsError(f'{path} already exists; choose another output file.')
-  directory = os.path.dirname(path)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f'The output directory {directory} does not exist.')
+  new_file.check_new_path(path)  # Before the conversion, which can take a while.
   sd = to_torch_state_dict(model, variables, layout=layout)
   obj = sd if layout == 'official' else {'state_dict': sd, 'meta': {}}
-  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp',
-                             dir=directory)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      torch.save(obj, f)
-    if os.path.exists(path):  # Appeared while writing: keep it.
-      raise FileExistsError(f'{path} was created by someone else during the export; not '
-                            'overwritten.')
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+  return new_file.write_new_file(path, lambda f: torch.save(obj, f))
