@@ -162,13 +162,15 @@ class RepMLPBlock(nn.Module):
                             precision=self.precision, name='gp')(x)
     rows = partition(x, self.h, self.w, s)  # (N, hp, wp, C/S, h, w, S)
     lead = rows.shape[:4]
+    # float32 params as nn.Dense's param_dtype, also under jax_enable_x64.
     fc3_kernel = self.param('fc3', nn.initializers.lecun_normal(in_axis=1, out_axis=2,
-                                                                batch_axis=0), (s, hw, hw))
+                                                                batch_axis=0), (s, hw, hw),
+                            jnp.float32)
     flat = rows.reshape(*lead, hw, s)
     out = jnp.einsum('nijrps,spq->nijrqs', flat, fc3_kernel.astype(self.dtype),
                      precision=self.precision)
     if self.deploy:
-      out = out + self.param('fc3_bias', nn.initializers.zeros, (s, hw)).T.astype(self.dtype)
+      out = out + self.param('fc3_bias', nn.initializers.zeros, (s, hw), jnp.float32).T.astype(self.dtype)
       out = out.reshape(rows.shape)
     else:
       # fc3_bn and the conv branches see the rows as (rows, h, w, S) maps.
