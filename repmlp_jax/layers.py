@@ -96,6 +96,33 @@ class PatchConv(nn.Module):
     return y
 
 
+class DepthwiseConv(nn.Module):
+  """A stride-1, 'same'-padded k x k conv with one filter per channel, as k*k shifted products.
+
+  The Local Perceptron's branches are such convs, often on one channel (S = 1) over many small
+  maps: XLA:CPU's convolution kernel handles that shape poorly, forward and backward, while the
+  k*k multiply-adds of shifted views vectorize well. The variables are those of `nn.Conv` with
+  feature_group_count = channels (kernel (k, k, 1, C), bias (C,)), initialized alike.
+  """
+  kernel_size: int
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  precision: Precision = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, (n, height, width, c) = self.kernel_size, x.shape
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (k, k, 1, c),
+                        jnp.float32).astype(self.dtype)
+    p = k // 2
+    padded = jnp.pad(x.astype(self.dtype), ((0, 0), (p, p), (p, p), (0, 0)))
+    y = sum(padded[:, dy:dy + height, dx:dx + width, :] * kernel[dy, dx, 0]
+            for dy in range(k) for dx in range(k))
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (c,), jnp.float32).astype(self.dtype)
+    return y
+
+
 class ConvBN(nn.Module):
   """Conv (no bias) then BatchNorm; in deploy form one conv with bias."""
   features: int
@@ -111,6 +138,10 @@ class ConvBN(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     if self.kernel_size == self.strides and self.padding == 0 and self.groups == 1:
       conv = functools.partial(PatchConv, self.features, self.kernel_size, dtype=self.dtype,
+                               precision=self.precision, name='conv')
+    elif (self.groups == self.features == x.shape[-1] and self.strides == 1
+          and self.padding == self.kernel_size // 2):
+      conv = functools.partial(DepthwiseConv, self.kernel_size, dtype=self.dtype,
                                precision=self.precision, name='conv')
     else:
       conv = functools.partial(

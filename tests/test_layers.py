@@ -1,0 +1,34 @@
+"""The matmul / shifted-sum forms of convolutions equal flax's nn.Conv with the same variables."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from repmlp_jax import layers
+
+
+@pytest.mark.parametrize('k, channels', [(1, 1), (3, 1), (3, 4), (5, 3)])
+def test_depthwise_conv_equals_grouped_nn_conv(k, channels):
+  x = jax.random.normal(jax.random.key(0), (3, 6, 5, channels))
+  ours = layers.DepthwiseConv(k)
+  ref = nn.Conv(channels, (k, k), padding=[(k // 2, k // 2)] * 2, feature_group_count=channels)
+  variables = ref.init(jax.random.key(1), x)
+  variables = jax.tree.map(lambda a: a + 0.1, variables)  # a non-zero bias too
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(
+      jnp.shape, variables)
+  np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_conv_bn_uses_the_fast_forms_with_nn_conv_variables():
+  x = jnp.ones((1, 8, 8, 4))
+  for module in (layers.ConvBN(4, 3, padding=1, groups=4), layers.ConvBN(6, 2, strides=2),
+                 layers.ConvBN(6, 3, padding=1)):
+    ref = nn.Conv(module.features, (module.kernel_size,) * 2, strides=module.strides,
+                  padding=[(module.padding,) * 2] * 2, feature_group_count=module.groups,
+                  use_bias=False)
+    got = jax.eval_shape(module.init, jax.random.key(0), x)['params']['conv']
+    assert jax.tree.map(jnp.shape, got) == jax.tree.map(
+        jnp.shape, jax.eval_shape(ref.init, jax.random.key(0), x)['params'])
