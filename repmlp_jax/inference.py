@@ -57,8 +57,7 @@ class Predictor:
     self.device = device or jax.devices()[0]
     variables = jax.device_put(variables, self.device)
     if reparameterize_model and not model.deploy:
-      variables = jax.jit(functools.partial(reparameterize.reparam_variables, model))(variables)
-      model = model.clone(deploy=True)
+      model, variables = reparameterize.reparam(model, variables)
     self.dtype = jnp.dtype(dtype)
     if self.dtype != jnp.float32:
       model = model.clone(dtype=self.dtype)

@@ -153,6 +153,4 @@ def reparam(model, variables: Params):
     (deploy_model, deploy_variables), with
     deploy_model.apply(deploy_variables, x) == model.apply(variables, x, train=False).
   """
-  if model.deploy:
-    raise ValueError('reparam takes a training-form model; this one is already deploy=True.')
   return model.clone(deploy=True), _reparam_compiled(model, variables)

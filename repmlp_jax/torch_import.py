@@ -7,7 +7,6 @@ re-parameterize when the deploy form is asked of a training-form file.
 """
 
 import dataclasses
-import functools
 import os
 from typing import Any, Mapping
 
