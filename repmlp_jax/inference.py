@@ -8,7 +8,6 @@ batch does not recompile). `dtype=jnp.bfloat16` casts the parameters and the com
 (the README gives its agreement with float32).
 """
 
-import functools
 import os
 from typing import Any, Sequence
 
