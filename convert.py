@@ -17,7 +17,7 @@ Examples:
 import argparse
 import sys
 
-from repmlp_jax import convert_lib
+from repmlp_jax import convert as convert_lib
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,8 +13,8 @@ import sys
 
 import jax.numpy as jnp
 
-from repmlp_jax import export
-from repmlp_jax import inference
+from repmlp_jax.inference import export
+from repmlp_jax.inference import predictor as inference
 
 
 def parse_args(argv=None) -> argparse.Namespace:

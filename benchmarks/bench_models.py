@@ -35,8 +35,8 @@ import numpy as np
 import optax
 
 import repmlp_jax
-from repmlp_jax import models
-from repmlp_jax import reparameterize
+from repmlp_jax.models import factory as models
+from repmlp_jax.reparameterize import deploy as reparameterize
 
 try:
   import torch

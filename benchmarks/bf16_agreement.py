@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import repmlp_jax
-from repmlp_jax import inference
+from repmlp_jax.inference import predictor as inference
 from tests import helpers
 
 

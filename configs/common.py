@@ -1,7 +1,7 @@
 """Shared defaults of every experiment: the official RepMLPNet ImageNet recipe.
 
 Each experiment file calls `get_config()` and changes what differs. Durations are in epochs
-(fractions allowed) and become steps in one place, `repmlp_jax.trainer.derive_steps`;
+(fractions allowed) and become steps in one place, `repmlp_jax.train.trainer.derive_steps`;
 `num_train_steps > 0` replaces `num_epochs` (short runs, tests). Learning rates are given for a
 global batch of `lr_reference_batch` images and scaled linearly by the global batch size (the
 base lr, the warmup start and the final lr alike), as the official code does.
@@ -22,13 +22,13 @@ def get_config() -> ml_collections.ConfigDict:
   # (a deploy-form model cannot be trained). The head starts fresh when its size differs.
   config.init_from = config_dict.placeholder(str)
 
-  # Data (repmlp_jax.input_pipeline): 'imagenet2012', 'cifar10', 'cifar100', 'image_folder',
+  # Data (repmlp_jax.data.input_pipeline): 'imagenet2012', 'cifar10', 'cifar100', 'image_folder',
   # 'digits'. image_size: training crop; eval_image_size: test resize + center crop side.
   config.dataset = 'imagenet2012'
   config.data_dir = config_dict.placeholder(str)
   config.image_size = 224
   config.eval_image_size = 224
-  # Fields of repmlp_jax.preprocess.Preprocess replacing the data set's default recipe.
+  # Fields of repmlp_jax.data.preprocess.Preprocess replacing the data set's default recipe.
   config.preprocess_overrides = ml_collections.ConfigDict()
   config.shuffle_buffer = 16_384
 

@@ -1,11 +1,11 @@
 """repmlp-jax: RepMLP and RepMLPNet in JAX/Flax, with exact structural re-parameterization."""
 
-from repmlp_jax.models import available_models, create_model, resolve_name
-from repmlp_jax.reparameterize import reparam, reparam_variables
-from repmlp_jax.features import extract_features
+from repmlp_jax.models.factory import available_models, create_model, resolve_name
+from repmlp_jax.reparameterize.deploy import reparam, reparam_variables
+from repmlp_jax.models.features import extract_features
 # PyTorch checkpoints; these modules import torch only when called (an optional dependency).
-from repmlp_jax.torch_export import save_torch, to_torch_state_dict
-from repmlp_jax.torch_import import load_torch
+from repmlp_jax.pytorch.exporter import save_torch, to_torch_state_dict
+from repmlp_jax.pytorch.importer import load_torch
 
 __all__ = [
     'available_models', 'create_model', 'extract_features', 'reparam', 'reparam_variables',

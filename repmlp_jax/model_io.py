@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from repmlp_jax import models
+from repmlp_jax.models import factory as models
 
 
 def save_model(path: str | os.PathLike, model: nn.Module, variables: Any, *,

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from repmlp_jax import model_io
-from repmlp_jax import models
+from repmlp_jax.models import factory as models
 
 
 def count_params(variables: Any) -> int:

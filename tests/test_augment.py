@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
-from repmlp_jax import mixup
-from repmlp_jax import randaugment
+from repmlp_jax.data import mixup
+from repmlp_jax.data import randaugment
 
 # ---------------------------------------------------------------------------------------------
 # RandAugment

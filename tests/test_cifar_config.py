@@ -6,8 +6,8 @@ import tensorflow_datasets as tfds
 
 from configs import cifar10_pure_mlp
 from configs import common
-from repmlp_jax import optim
-from repmlp_jax import trainer
+from repmlp_jax.train import optim
+from repmlp_jax.train import trainer
 
 
 def test_recipe_is_the_papers():

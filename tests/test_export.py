@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import repmlp_jax
-from repmlp_jax import export
-from repmlp_jax import inference
+from repmlp_jax.inference import export
+from repmlp_jax.inference import predictor as inference
 from tests import helpers
 
 

@@ -10,10 +10,10 @@ from PIL import Image
 
 import predict
 import repmlp_jax
-from repmlp_jax import imagenet
-from repmlp_jax import inference
+from repmlp_jax.data import imagenet
+from repmlp_jax.inference import predictor as inference
 from repmlp_jax import model_io
-from repmlp_jax import image_files
+from repmlp_jax.inference import image_files
 from tests import helpers
 
 TINY = '_RepMLPNet-Tiny'

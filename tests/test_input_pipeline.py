@@ -8,8 +8,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from repmlp_jax import input_pipeline
-from repmlp_jax import preprocess
+from repmlp_jax.data import input_pipeline
+from repmlp_jax.data import preprocess
 
 _LOW = -np.array(preprocess.IMAGENET_MEAN) / np.array(preprocess.IMAGENET_STD)
 _HIGH = (1 - np.array(preprocess.IMAGENET_MEAN)) / np.array(preprocess.IMAGENET_STD)

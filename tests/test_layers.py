@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from repmlp_jax import layers
+from repmlp_jax.models import layers
 
 
 @pytest.mark.parametrize('k, channels', [(1, 1), (3, 1), (3, 4), (5, 3)])

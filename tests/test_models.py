@@ -9,7 +9,7 @@ import pytest
 
 import repmlp_jax
 from repmlp_jax import model_io
-from repmlp_jax import models
+from repmlp_jax.models import factory as models
 from tests import fast_init
 
 TINY = '_RepMLPNet-Tiny'

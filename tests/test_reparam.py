@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 import repmlp_jax
-from repmlp_jax import layers
+from repmlp_jax.models import layers
 from repmlp_jax import model_io
-from repmlp_jax import reparameterize as rp
+from repmlp_jax.reparameterize import fusion as rp
+from repmlp_jax.reparameterize import deploy as rp_deploy
 from tests import fast_init
 from tests import helpers
 
@@ -90,7 +91,7 @@ def _randomize(variables, seed):
 def test_deploy_model_init_matches_reparam_structure():
   model = repmlp_jax.create_model(TINY)
   deploy_model = model.clone(deploy=True)
-  deploy_vars = jax.eval_shape(functools.partial(rp.reparam_variables, model),
+  deploy_vars = jax.eval_shape(functools.partial(rp_deploy.reparam_variables, model),
                                model_io.abstract_variables(model))
   expected = model_io.abstract_variables(deploy_model)
   assert jax.tree.structure(deploy_vars) == jax.tree.structure(expected)

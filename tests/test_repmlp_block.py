@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from repmlp_jax import repmlp_block
-from repmlp_jax import reparameterize as rp
-from repmlp_jax import reparameterize_resnet as rpr
+from repmlp_jax.models import repmlp_v1 as repmlp_block
+from repmlp_jax.reparameterize import fusion as rp
+from repmlp_jax.reparameterize import resnet as rpr
 from tests import fast_init
 from tests import helpers
 from tests import torch_reference as tr

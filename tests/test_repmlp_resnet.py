@@ -14,7 +14,7 @@ import torch
 
 import repmlp_jax
 from repmlp_jax import model_io
-from repmlp_jax import models
+from repmlp_jax.models import factory as models
 from repmlp_jax import report
 from tests import fast_init
 from tests import helpers

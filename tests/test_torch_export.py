@@ -10,8 +10,8 @@ import torch
 
 import repmlp_jax
 from repmlp_jax import model_io
-from repmlp_jax import torch_export
-from repmlp_jax import torch_import
+from repmlp_jax.pytorch import exporter as torch_export
+from repmlp_jax.pytorch import importer as torch_import
 from tests import helpers
 from tests import torch_checkpoints as tc
 from tests import torch_reference as tr

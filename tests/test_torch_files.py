@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from repmlp_jax import torch_files
+from repmlp_jax.pytorch import files as torch_files
 from tests import torch_checkpoints as tc
 from tests import torch_reference as tr
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import repmlp_jax
-from repmlp_jax import repmlpnet
-from repmlp_jax import state_dict_mapping
-from repmlp_jax import torch_import
-from repmlp_jax import torch_keys_repmlpnet as keys
-from repmlp_jax.models import create_model
+from repmlp_jax.models import repmlpnet
+from repmlp_jax.pytorch import mapping as state_dict_mapping
+from repmlp_jax.pytorch import importer as torch_import
+from repmlp_jax.pytorch import keys_repmlpnet as keys
+from repmlp_jax.models.factory import create_model
 from tests import torch_checkpoints as tc
 from tests import torch_reference as tr
 

@@ -16,8 +16,8 @@ import torch
 
 import repmlp_jax
 from repmlp_jax import model_io
-from repmlp_jax import state_dict_mapping
-from repmlp_jax import torch_keys_resnet as tk
+from repmlp_jax.pytorch import mapping as state_dict_mapping
+from repmlp_jax.pytorch import keys_resnet as tk
 from tests import helpers
 from tests import torch_reference as tr
 

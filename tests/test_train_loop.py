@@ -15,11 +15,11 @@ import tensorflow_datasets as tfds
 
 from configs import common
 from configs import digits
-from repmlp_jax import checkpointing
-from repmlp_jax import input_pipeline
+from repmlp_jax.train import checkpointing
+from repmlp_jax.data import input_pipeline
 from repmlp_jax import model_io
-from repmlp_jax import steps as steps_lib
-from repmlp_jax import trainer
+from repmlp_jax.train import experiment as steps_lib
+from repmlp_jax.train import trainer
 
 TOTAL_STEPS = 4
 

@@ -26,10 +26,10 @@ from configs import imagenet_l256
 from configs import imagenet_t224
 from configs import imagenet_t256
 from repmlp_jax import model_io
-from repmlp_jax import optim
-from repmlp_jax import sharding
-from repmlp_jax import steps as steps_lib
-from repmlp_jax import trainer
+from repmlp_jax.train import optim
+from repmlp_jax.train import sharding
+from repmlp_jax.train import experiment as steps_lib
+from repmlp_jax.train import trainer
 
 NUM_CLASSES = 10
 GLOBAL_BATCH = 16

@@ -24,8 +24,8 @@ def main(port: int, process_id: int, out: str) -> None:
   jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2,
                              process_id=process_id, initialization_timeout=120)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  from repmlp_jax import sharding  # pylint: disable=g-import-not-at-top
-  from repmlp_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  from repmlp_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  from repmlp_jax.train import experiment as steps_lib  # pylint: disable=g-import-not-at-top
   from tests import test_train_steps as t  # pylint: disable=g-import-not-at-top
 
   exp = steps_lib.Experiment(t.tiny_config(), num_classes=t.NUM_CLASSES, steps=t.tiny_steps())

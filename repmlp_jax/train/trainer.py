@@ -25,13 +25,13 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from repmlp_jax import checkpointing
-from repmlp_jax import input_pipeline
+from repmlp_jax.train import checkpointing
+from repmlp_jax.data import input_pipeline
 from repmlp_jax import model_io
-from repmlp_jax import sharding
-from repmlp_jax import state_dict_mapping
-from repmlp_jax import steps as steps_lib
-from repmlp_jax import train_logging
+from repmlp_jax.train import sharding
+from repmlp_jax.pytorch import mapping as state_dict_mapping
+from repmlp_jax.train import experiment as steps_lib
+from repmlp_jax.train import metric_writers as train_logging
 
 _DATASETS_WITH_DIR = ('image_folder',)  # Data sets that cannot do without config.data_dir.
 

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repmlp_jax import imagenet
+from repmlp_jax.data import imagenet
 from repmlp_jax import model_io
-from repmlp_jax import image_files
-from repmlp_jax import reparameterize
+from repmlp_jax.inference import image_files
+from repmlp_jax.reparameterize import deploy as reparameterize
 
 
 def cast_floating(tree: Any, dtype: Any) -> Any:
@@ -117,7 +117,7 @@ class Predictor:
     if images.shape[0] == 0:
       raise ValueError('No images given.')
     if not np.issubdtype(images.dtype, np.floating):
-      raise ValueError(f'Expected normalized float images (see repmlp_jax.image_files); got '
+      raise ValueError(f'Expected normalized float images (see repmlp_jax.inference.image_files); got '
                        f'{images.dtype}. Use predict_files for image files.')
     self._check_side(images.shape[1], 'Image height')
     self._check_side(images.shape[2], 'Image width')
@@ -137,7 +137,7 @@ class Predictor:
     """Logits of preprocessed images.
 
     Args:
-      images: (N, H, W, 3) or (H, W, 3) normalized float images (`repmlp_jax.image_files`),
+      images: (N, H, W, 3) or (H, W, 3) normalized float images (`repmlp_jax.inference.image_files`),
         H and W multiples of `model.input_multiple`.
     Returns:
       (N, num_classes) float32.

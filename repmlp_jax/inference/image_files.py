@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from repmlp_jax.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from repmlp_jax.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 
 def resize_short_side(image: Image.Image, short: int) -> Image.Image:

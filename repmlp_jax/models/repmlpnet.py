@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from repmlp_jax import layers
+from repmlp_jax.models import layers
 
 # Official settings (authors' repository; REFERENCE table). `partitions` is h = w per stage.
 ARCH_SETTINGS: dict[str, dict[str, Any]] = {

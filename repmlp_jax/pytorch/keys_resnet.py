@@ -19,8 +19,8 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 
 from repmlp_jax import model_io
-from repmlp_jax import repmlp_resnet
-from repmlp_jax import state_dict_mapping
+from repmlp_jax.models import repmlp_resnet
+from repmlp_jax.pytorch import mapping as state_dict_mapping
 
 _FAMILY = 'RepMLP-ResNet / ResNet-50 (v1 keys)'
 

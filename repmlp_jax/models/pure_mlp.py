@@ -23,8 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from repmlp_jax import layers
-from repmlp_jax import repmlp_block
+from repmlp_jax.models import layers
+from repmlp_jax.models import repmlp_v1 as repmlp_block
 
 ARCH_SETTINGS: dict[str, dict[str, Any]] = {
     'RepMLP-CIFAR-PureMLP': dict(channels=(16, 32, 64), depths=(2, 2, 2), h=8, w=8,

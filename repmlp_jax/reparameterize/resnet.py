@@ -1,6 +1,6 @@
 """Re-parameterization of the v1 models (RepMLP-ResNet, ResNet-50, the pure-MLP CIFAR model).
 
-Pure functions over pytrees, composed from `repmlp_jax.reparameterize`'s helpers. Each RepMLP
+Pure functions over pytrees, composed from `repmlp_jax.reparameterize.fusion`'s helpers. Each RepMLP
 becomes three FCs: the BatchNorm after the partition pooling is folded into fc1 (an affine map
 of fc1's input), fc3_bn and every conv branch (Locality Injection, through `conv_to_fc`) into
 fc3, which gains a bias. Every other conv-BN becomes a conv with bias, as in the official v1
@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-from repmlp_jax import reparameterize as rp
+from repmlp_jax.reparameterize import fusion as rp
 
 Params = Mapping[str, Any]
 

@@ -14,13 +14,13 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from repmlp_jax import models
-from repmlp_jax import reparameterize
-from repmlp_jax import repmlpnet
-from repmlp_jax import state_dict_mapping
-from repmlp_jax import torch_files
-from repmlp_jax import torch_keys_repmlpnet as repmlpnet_keys
-from repmlp_jax import torch_keys_resnet as resnet_keys
+from repmlp_jax.models import factory as models
+from repmlp_jax.reparameterize import deploy as reparameterize
+from repmlp_jax.models import repmlpnet
+from repmlp_jax.pytorch import mapping as state_dict_mapping
+from repmlp_jax.pytorch import files as torch_files
+from repmlp_jax.pytorch import keys_repmlpnet as repmlpnet_keys
+from repmlp_jax.pytorch import keys_resnet as resnet_keys
 
 
 @dataclasses.dataclass

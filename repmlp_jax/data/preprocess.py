@@ -20,8 +20,8 @@ import math
 
 import tensorflow as tf
 
-from repmlp_jax import randaugment
-from repmlp_jax.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from repmlp_jax.data import randaugment
+from repmlp_jax.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,7 +58,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from repmlp_jax import preprocess as pp
+from repmlp_jax.data import preprocess as pp
 
 DATASETS = ('digits', 'cifar10', 'cifar100', 'imagenet2012', 'image_folder')
 _TFDS_SPLITS = {'imagenet2012': ('train', 'validation'), 'cifar10': ('train', 'test'),

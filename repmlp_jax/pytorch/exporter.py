@@ -12,12 +12,12 @@ from typing import Any
 
 import flax.linen as nn
 
-from repmlp_jax import new_file
-from repmlp_jax import repmlp_resnet
-from repmlp_jax import repmlpnet
-from repmlp_jax import torch_files
-from repmlp_jax import torch_keys_repmlpnet as repmlpnet_keys
-from repmlp_jax import torch_keys_resnet as resnet_keys
+from repmlp_jax import atomic_write as new_file
+from repmlp_jax.models import repmlp_resnet
+from repmlp_jax.models import repmlpnet
+from repmlp_jax.pytorch import files as torch_files
+from repmlp_jax.pytorch import keys_repmlpnet as repmlpnet_keys
+from repmlp_jax.pytorch import keys_resnet as resnet_keys
 
 LAYOUTS = ('official', 'mmpretrain')
 

@@ -1,9 +1,9 @@
 """A serialized deploy artifact: StableHLO via `jax.export`, runnable without the model code.
 
-The artifact maps normalized NHWC float32 images (see `repmlp_jax.preprocess`) to float32
+The artifact maps normalized NHWC float32 images (see `repmlp_jax.data.preprocess`) to float32
 logits. The weights are embedded as constants, so the file alone is enough:
 
-    exported = repmlp_jax.export.load_exported('b224.bin')   # needs only jax
+    exported = repmlp_jax.inference.export.load_exported('b224.bin')   # needs only jax
     logits = exported.call(images)                           # (N, 224, 224, 3) -> (N, 1000)
 
 The batch dimension is symbolic by default (any N, one file); the spatial size is fixed.
@@ -15,8 +15,8 @@ import jax
 from jax import export as jax_export
 import jax.numpy as jnp
 
-from repmlp_jax import inference
-from repmlp_jax import new_file
+from repmlp_jax.inference import predictor as inference
+from repmlp_jax import atomic_write as new_file
 
 
 def export_predictor(predictor: 'inference.Predictor', *, batch_size: int | None = None,

@@ -18,8 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from repmlp_jax import layers
-from repmlp_jax import repmlp_block
+from repmlp_jax.models import layers
+from repmlp_jax.models import repmlp_v1 as repmlp_block
 
 # Authors' configurations (RepMLP code), the paper's 320x320 group settings (Table 4: gA/B is
 # fc3_groups A in c3 and B in c4, bottleneck blocks, h = w = 10, K = 1, 3, 5, 7) and the baseline.

@@ -7,9 +7,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from repmlp_jax import pure_mlp
-from repmlp_jax import repmlp_resnet
-from repmlp_jax import repmlpnet
+from repmlp_jax.models import pure_mlp
+from repmlp_jax.models import repmlp_resnet
+from repmlp_jax.models import repmlpnet
 
 # name -> (module class, settings). Names are matched case-insensitively, with or without the
 # family prefix and separators: 'RepMLPNet-B224', 'repmlpnet_b224' and 'b224' are one model;

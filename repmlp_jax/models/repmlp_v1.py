@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from repmlp_jax import layers
+from repmlp_jax.models import layers
 
 Dtype = Any
 Precision = Any

@@ -10,9 +10,9 @@ from typing import Any
 import flax.linen as nn
 
 from repmlp_jax import model_io
-from repmlp_jax import reparameterize
-from repmlp_jax import torch_export
-from repmlp_jax import torch_import
+from repmlp_jax.reparameterize import deploy as reparameterize
+from repmlp_jax.pytorch import exporter as torch_export
+from repmlp_jax.pytorch import importer as torch_import
 
 
 def _check_new_output(path: str | os.PathLike, overwrite: bool = False) -> str:

@@ -17,11 +17,11 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from repmlp_jax import mixup
-from repmlp_jax import models
-from repmlp_jax import optim
-from repmlp_jax import reparameterize
-from repmlp_jax import sharding
+from repmlp_jax.data import mixup
+from repmlp_jax.models import factory as models
+from repmlp_jax.train import optim
+from repmlp_jax.reparameterize import deploy as reparameterize
+from repmlp_jax.train import sharding
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]

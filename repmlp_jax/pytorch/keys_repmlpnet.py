@@ -26,10 +26,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from repmlp_jax import layers
-from repmlp_jax import models
-from repmlp_jax import repmlpnet
-from repmlp_jax import state_dict_mapping
+from repmlp_jax.models import layers
+from repmlp_jax.models import factory as models
+from repmlp_jax.models import repmlpnet
+from repmlp_jax.pytorch import mapping as state_dict_mapping
 
 BN_KEYS = ('weight', 'bias', 'running_mean', 'running_var')
 OFFICIAL_KERNELS = (1, 3)

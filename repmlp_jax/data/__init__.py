@@ -1,0 +1,3 @@
+"""The input pipeline (tf.data, tensorflow-datasets): data sets, preprocessing, RandAugment,
+mixup/CutMix and the ImageNet metadata.
+"""

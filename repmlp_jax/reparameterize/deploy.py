@@ -1,0 +1,51 @@
+"""The public re-parameterization: any training-form model -> its deploy form.
+
+Pure functions over pytrees, jit-able (the model is static); each model family's rule lives in
+its own module of this package.
+"""
+
+import functools
+from typing import Any, Mapping
+
+import jax
+
+from repmlp_jax.models import pure_mlp
+from repmlp_jax.models import repmlp_resnet
+from repmlp_jax.models import repmlpnet
+from repmlp_jax.reparameterize import repmlpnet as repmlpnet_rule
+from repmlp_jax.reparameterize import resnet as resnet_rule
+
+Params = Mapping[str, Any]
+
+
+def reparam_variables(model, variables: Params) -> dict[str, Any]:
+  """The deploy-form variables of `model`'s training-form `variables` (pure, jit-able)."""
+  if model.deploy:
+    raise ValueError('reparam takes a training-form model; this one is already deploy=True.')
+  if isinstance(model, repmlpnet.RepMLPNet):
+    return repmlpnet_rule.reparam_variables(model, variables)
+  if isinstance(model, (repmlp_resnet.RepMLPResNet, pure_mlp.PureMLPNet)):
+    return resnet_rule.reparam_variables(model, variables)
+  raise TypeError(f'No re-parameterization is defined for {type(model).__name__}.')
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _reparam_compiled(model, variables: Params) -> dict[str, Any]:
+  return reparam_variables(model, variables)
+
+
+def reparam(model, variables: Params):
+  """Converts a training-form model and its variables to the equivalent deploy form.
+
+  Pure: `variables` is not modified. Compiled once per model (the eager form would dispatch
+  thousands of small ops); `reparam_variables` is the same function uncompiled, to be used
+  inside a caller's own jit.
+
+  Args:
+    model: a training-form model (`deploy=False`) from `create_model`.
+    variables: its {'params', 'batch_stats'}.
+  Returns:
+    (deploy_model, deploy_variables), with
+    deploy_model.apply(deploy_variables, x) == model.apply(variables, x, train=False).
+  """
+  return model.clone(deploy=True), _reparam_compiled(model, variables)
