@@ -72,10 +72,8 @@ def load_model(path: str | os.PathLike, *, sharding: jax.sharding.Sharding | Non
 
 
 def abstract_variables(model: nn.Module) -> Any:
-  """Shapes and dtypes of `model`'s variables, without computing anything."""
-  size = models.example_input_size(model)
-  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-  return jax.eval_shape(model.init, jax.random.key(0), x)
+  """Shapes and dtypes of `model`'s variables, without computing anything (see models.factory)."""
+  return models.abstract_variables(model)
 
 
 def _check_variables(model: nn.Module, variables: Any) -> None:

@@ -99,3 +99,10 @@ def model_from_spec(spec: Mapping[str, Any]) -> nn.Module:
 def example_input_size(model: nn.Module) -> int:
   """The smallest square input side the model accepts (for shape inference)."""
   return model.input_multiple
+
+
+def abstract_variables(model: nn.Module) -> Any:
+  """Shapes and dtypes of `model`'s variables, without computing anything."""
+  size = example_input_size(model)
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  return jax.eval_shape(model.init, jax.random.key(0), x)

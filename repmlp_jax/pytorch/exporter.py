@@ -1,9 +1,10 @@
-"""Export to PyTorch: Flax variables -> the official RepMLPNet state_dict, as tensors or a file.
+"""Export to PyTorch: Flax variables -> the official state_dict, as tensors or a file.
 
-A training-form model gives the authors' training layout (their `RepMLPNet` loads it strictly);
-a deploy-form model gives a state_dict that the official deploy model (`deploy=True`) loads
-strictly and that computes the same logits. `layout='mmpretrain'` writes mmpretrain's key names
-instead, wrapped as {'state_dict': ..., 'meta': {...}} in a file.
+The model's family (`repmlp_jax.families`) gives the key map. A training-form model gives the
+authors' training layout (their model loads it strictly); a deploy-form model gives a state_dict
+that the official deploy model (`deploy=True`) loads strictly and that computes the same logits.
+`layout='mmpretrain'` writes mmpretrain's key names instead (RepMLPNet only), wrapped as
+{'state_dict': ..., 'meta': {...}} in a file.
 """
 
 import collections
@@ -13,11 +14,8 @@ from typing import Any
 import flax.linen as nn
 
 from repmlp_jax import atomic_write as new_file
-from repmlp_jax.models import repmlp_resnet
-from repmlp_jax.models import repmlpnet
+from repmlp_jax import families
 from repmlp_jax.pytorch import files as torch_files
-from repmlp_jax.pytorch import keys_repmlpnet as repmlpnet_keys
-from repmlp_jax.pytorch import keys_resnet as resnet_keys
 
 LAYOUTS = ('official', 'mmpretrain')
 
@@ -27,7 +25,8 @@ def to_torch_state_dict(model: nn.Module, variables: Any, *,
   """The PyTorch state_dict of `model`'s variables.
 
   Args:
-    model: a RepMLPNet, RepMLP-ResNet or ResNet-50 (training or deploy form).
+    model: a RepMLPNet, RepMLP-ResNet or ResNet-50 (training or deploy form): a family with a
+      PyTorch key map in `repmlp_jax.families`.
     variables: its {'params', 'batch_stats'}.
     layout: 'official' (the authors' key names and order) or 'mmpretrain'.
   Returns:
@@ -36,16 +35,13 @@ def to_torch_state_dict(model: nn.Module, variables: Any, *,
   torch = torch_files.require_torch()
   if layout not in LAYOUTS:
     raise ValueError(f'Unknown layout {layout!r}; choose one of {LAYOUTS}.')
-  if isinstance(model, repmlp_resnet.RepMLPResNet):
-    if layout != 'official':
-      raise ValueError('RepMLP-ResNet models have only the official layout (mmpretrain has none).')
-    arrays = resnet_keys.variables_to_torch(variables, model)
-  elif isinstance(model, repmlpnet.RepMLPNet):
-    arrays = repmlpnet_keys.variables_to_torch(variables, model)
-  else:
-    raise TypeError(f'No PyTorch key mapping is defined for {type(model).__name__}.')
+  keys = families.torch_keys_of(model)
+  if layout == 'mmpretrain' and keys.mmpretrain is None:
+    raise ValueError(f'{families.of(model).name} models have only the official layout '
+                     '(mmpretrain has none).')
+  arrays = keys.to_torch(variables, model)
   if layout == 'mmpretrain':
-    arrays = repmlpnet_keys.to_mmpretrain(arrays)
+    arrays = keys.mmpretrain.to_layout(arrays)
   return collections.OrderedDict((k, torch.from_numpy(v.copy())) for k, v in arrays.items())
 
 
@@ -54,7 +50,7 @@ def save_torch(path: str | os.PathLike, model: nn.Module, variables: Any, *,
   """Writes `to_torch_state_dict(model, variables)` with torch.save; never overwrites.
 
   The official layout is a raw state_dict (like the released files); mmpretrain's is
-  {'state_dict': ..., 'meta': {}}. The file is written atomically (`new_file`), so an
+  {'state_dict': ..., 'meta': {}}. The file is written atomically (`atomic_write`), so an
   interrupted export leaves no partial file.
 
   Args:

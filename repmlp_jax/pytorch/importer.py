@@ -1,9 +1,10 @@
 """`load_torch`: a PyTorch checkpoint (official or mmpretrain, training or deploy form) -> Flax.
 
-Composes the safe file reader (`torch_files`) and the family's key mapping
-(`torch_keys_repmlpnet`): read and unwrap the file, rename mmpretrain keys, detect the variant
-from the tensor shapes (or take the given name), check every key and shape, convert, and
-re-parameterize when the deploy form is asked of a training-form file.
+Composes the safe file reader (`files`) and the family's key map (found through
+`repmlp_jax.families`): read and unwrap the file, rename mmpretrain keys, tell the family from
+its marker key (or take the named model's), detect the variant from the tensor shapes (or take
+the given name), check every key and shape, convert, and re-parameterize when the deploy form is
+asked of a training-form file.
 """
 
 import dataclasses
@@ -14,13 +15,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from repmlp_jax import families
 from repmlp_jax.models import factory as models
 from repmlp_jax.reparameterize import deploy as reparameterize
-from repmlp_jax.models import repmlpnet
 from repmlp_jax.pytorch import mapping as state_dict_mapping
 from repmlp_jax.pytorch import files as torch_files
-from repmlp_jax.pytorch import keys_repmlpnet as repmlpnet_keys
-from repmlp_jax.pytorch import keys_resnet as resnet_keys
 
 
 @dataclasses.dataclass
@@ -36,10 +35,10 @@ class TorchImport:
 
   def describe(self) -> str:
     """What was detected, in words."""
-    if isinstance(self.model, repmlpnet.RepMLPNet):
-      variant = self.name or f'custom RepMLPNet ({repmlpnet_keys.describe(self.model)})'
-    else:
-      variant = self.name
+    variant = self.name
+    if variant is None:
+      settings = families.torch_keys_of(self.model).describe(self.model)
+      variant = f'custom {type(self.model).__name__} ({settings})'
     lines = [f'read: {self.file.describe()}',
              f'layout: {self.layout}; form in file: {"deploy" if self.file_deploy else "training"}',
              f'model: {variant}, num_classes={self.model.num_classes}'
@@ -62,75 +61,81 @@ def _read(path_or_state_dict: Any, use_ema: bool) -> torch_files.TorchFile:
   return torch_files.read_torch_checkpoint(path_or_state_dict, use_ema=use_ema)
 
 
-def _detected_model(found: str | None, overrides: dict[str, Any], deploy: bool) -> nn.Module:
+def _official_names(sd: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
+  """The state_dict with the official key names, and the layout it had."""
+  for family in families.FAMILIES.values():
+    names = family.torch_keys.mmpretrain if family.torch_keys is not None else None
+    if names is not None and names.is_layout(sd):
+      return names.from_layout(sd), 'mmpretrain'
+  return sd, 'official'
+
+
+def _model_class(sd: Mapping[str, Any], name: str | None) -> type[nn.Module]:
+  """The named model's class, or the class whose official state_dicts look like `sd`."""
+  if name is not None:
+    return models.MODELS[models.resolve_name(name)][0]
+  cls = families.for_state_dict(sd)
+  if cls is None:
+    markers = ', '.join(f'{f.torch_keys.marker} ({f.name})' for f in families.FAMILIES.values()
+                        if f.torch_keys is not None)
+    sample = ', '.join(list(sd)[:5])
+    raise state_dict_mapping.DetectionError(
+        f'Not a checkpoint of a known model: none of the keys {markers} is present; the keys '
+        f'begin with: {sample}. Pass the model name to see a full key report.')
+  return cls
+
+
+def _detected_model(cls: type[nn.Module], found: str | None, overrides: dict[str, Any],
+                    deploy: bool) -> nn.Module:
   if found is None:
-    return repmlpnet.RepMLPNet(**overrides, deploy=deploy)
+    return cls(**overrides, deploy=deploy)
   return models.create_model(found, deploy=deploy, **overrides)
 
 
-def _repmlpnet_for(sd: Mapping[str, np.ndarray], name: str | None
-                   ) -> tuple[nn.Module, str | None, nn.Module | None]:
-  """The RepMLPNet the state_dict is for: detected, or `name` with the file's head and form.
+def _model_for(cls: type[nn.Module], sd: Mapping[str, np.ndarray], name: str | None
+               ) -> tuple[nn.Module, str | None, nn.Module | None]:
+  """The model the state_dict is for: detected, or `name` with the file's head and form.
 
   Returns:
     (model, its official name or None, the detected model when `name` was given and detection
     worked, for error messages).
   """
+  family, keys = families.of(cls), families.torch_keys_of(cls)
   if name is None:
-    found, overrides, deploy = repmlpnet_keys.detect(sd)
-    return _detected_model(found, overrides, deploy), found, None
+    found, overrides, deploy = keys.detect(sd)
+    return _detected_model(cls, found, overrides, deploy), found, None
   name = models.resolve_name(name)
   try:
-    found, overrides, deploy = repmlpnet_keys.detect(sd)
-    detected = _detected_model(found, overrides, deploy)
-    overrides = {k: overrides[k] for k in ('num_classes', 'gp_hidden_divisor') if k in overrides}
-  except repmlpnet_keys.DetectionError:
+    found, overrides, deploy = keys.detect(sd)
+    detected = _detected_model(cls, found, overrides, deploy)
+    overrides = {k: overrides[k] for k in keys.file_settings if k in overrides}
+  except state_dict_mapping.DetectionError:
     # The check of every key against the named model reports what is wrong in full.
     detected = None
-    deploy = any(k.endswith('.fc3.bias') for k in sd)
-    overrides = {'num_classes': np.shape(sd['head.weight'])[0]} if 'head.weight' in sd else {}
+    deploy = keys.is_deploy(sd)
+    classifier = f'{family.classifier}.weight'
+    overrides = {'num_classes': np.shape(sd[classifier])[0]} if classifier in sd else {}
   return models.create_model(name, deploy=deploy, **overrides), name, detected
-
-
-def _resnet_for(sd: Mapping[str, np.ndarray], name: str | None) -> tuple[nn.Module, str]:
-  """The RepMLP-ResNet / ResNet-50 the state_dict is for: detected, or `name` with its head."""
-  if name is None:
-    found, overrides, deploy = resnet_keys.detect(sd)
-    return models.create_model(found, deploy=deploy, **overrides), found
-  name = models.resolve_name(name)
-  deploy = 'stage0.0.bn.weight' not in sd
-  overrides = {'num_classes': np.shape(sd['linear.weight'])[0]} if 'linear.weight' in sd else {}
-  return models.create_model(name, deploy=deploy, **overrides), name
-
-
-def _is_resnet(sd: Mapping[str, Any]) -> bool:
-  return 'stage0.0.conv.weight' in sd
 
 
 def import_torch(path_or_state_dict: Any, name: str | None = None, *, deploy: bool | None = None,
                  use_ema: bool = False) -> TorchImport:
   """Like `load_torch`, also returning what was detected (for tools that report it)."""
   file = _read(path_or_state_dict, use_ema)
-  sd, layout = file.state_dict, 'official'
-  if repmlpnet_keys.is_mmpretrain(sd):
-    sd, layout = repmlpnet_keys.from_mmpretrain(sd), 'mmpretrain'
-  # The two families are told apart by their stems' keys.
-  if _is_resnet(sd):
-    model, found = _resnet_for(sd, name)
-    detected, keys = None, resnet_keys
-  else:
-    model, found, detected = _repmlpnet_for(sd, name)
-    keys = repmlpnet_keys
+  sd, layout = _official_names(file.state_dict)
+  cls = _model_class(sd, name)
+  keys = families.torch_keys_of(cls)
+  model, found, detected = _model_for(cls, sd, name)
   if deploy is False and model.deploy:
     raise ValueError('The checkpoint holds the deploy form, which cannot be turned back into the '
                      'training form; load it with deploy=None or deploy=True.')
   try:
-    variables = keys.variables_from_torch(sd, model)
+    variables = keys.from_torch(sd, model)
   except state_dict_mapping.KeyMismatchError as e:
     if detected is None or detected == model:
       raise
-    hint = (f'{repmlpnet_keys.describe(model)}; the file\'s shapes are those of '
-            f'{repmlpnet_keys.describe(detected)}, which loads without a name (--model)')
+    hint = (f'{keys.describe(model)}; the file\'s shapes are those of '
+            f'{keys.describe(detected)}, which loads without a name (--model)')
     raise state_dict_mapping.KeyMismatchError(hint, e.missing, e.unexpected, e.misshaped) from None
   variables = jax.tree.map(jax.numpy.asarray, variables)
   result = TorchImport(model, variables, found, model.deploy, layout, file, False)
@@ -158,9 +163,10 @@ def load_torch(path_or_state_dict: Any, name: str | None = None, *, deploy: bool
   Returns:
     (model, variables): `model.apply(variables, x)` (NHWC x) gives PyTorch's logits.
   Raises:
-    torch_files.CheckpointFileError: not a checkpoint, truncated, or would run code to load.
-    state_dict_mapping.KeyMismatchError: every missing, unexpected and mis-shaped key.
-    torch_keys_repmlpnet.DetectionError: the variant cannot be detected (pass `name`).
+    files.CheckpointFileError: not a checkpoint, truncated, or would run code to load.
+    mapping.KeyMismatchError: every missing, unexpected and mis-shaped key.
+    mapping.DetectionError: the model cannot be detected (pass `name`).
+    TypeError: the named model's family has no PyTorch key map.
     ImportError: PyTorch is not installed (`pip install 'repmlp-jax[torch]'`).
   """
   result = import_torch(path_or_state_dict, name, deploy=deploy, use_ema=use_ema)

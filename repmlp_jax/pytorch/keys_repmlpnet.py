@@ -302,8 +302,14 @@ def variables_to_torch(variables: Mapping[str, Any],
   return out
 
 
-class DetectionError(ValueError):
-  """The RepMLPNet settings cannot be read from a state_dict (unknown or ambiguous)."""
+# The error every family's detect raises (the RepMLPNet settings cannot be read: unknown,
+# inconsistent or ambiguous).
+DetectionError = state_dict_mapping.DetectionError
+
+
+def is_deploy(state_dict: Mapping[str, np.ndarray]) -> bool:
+  """Whether an official-layout state_dict holds the deploy form (its fc3s have a bias)."""
+  return any(k.endswith('.repmlp_block.fc3.bias') for k in state_dict)
 
 
 def _shape(sd: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:

@@ -18,11 +18,12 @@ from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
-from repmlp_jax import model_io
+from repmlp_jax.models import factory
 from repmlp_jax.models import repmlp_resnet
 from repmlp_jax.pytorch import mapping as state_dict_mapping
 
 _FAMILY = 'RepMLP-ResNet / ResNet-50 (v1 keys)'
+DetectionError = state_dict_mapping.DetectionError  # What detect raises, as every family's.
 
 
 class _Entry(NamedTuple):
@@ -133,7 +134,8 @@ def _leaf(tree: Mapping[str, Any], path: tuple[str, ...]):
   return tree
 
 
-def _describe(model) -> str:
+def describe(model) -> str:
+  """The model's kind and form in words, for messages."""
   return (f'{type(model).__name__}(kind={model.kind!r}) '
           f'({"deploy" if model.deploy else "training"} form)')
 
@@ -152,11 +154,11 @@ def variables_from_torch(state_dict: Mapping[str, np.ndarray], model) -> dict[st
     KeyMismatchError: the state_dict does not fit the model.
   """
   layout = _layout(model)
-  abstract = model_io.abstract_variables(model)
+  abstract = factory.abstract_variables(model)
   expected = {e.torch_key: _torch_shape(e.layout, () if e.collection is None else
                                         _leaf(abstract[e.collection], e.path).shape)
               for e in layout}
-  state_dict_mapping.check_keys(_describe(model), expected,
+  state_dict_mapping.check_keys(describe(model), expected,
                                 {k: np.shape(v) for k, v in state_dict.items()})
   variables: dict[str, Any] = {}
   for e in layout:
@@ -180,7 +182,7 @@ def variables_to_torch(variables: Mapping[str, Any], model) -> dict[str, np.ndar
   Returns:
     key -> numpy array; num_batches_tracked entries are int64 zeros.
   """
-  abstract = model_io.abstract_variables(model)
+  abstract = factory.abstract_variables(model)
   out, problems = {}, []
   for e in _layout(model):
     if e.collection is None:
@@ -198,7 +200,7 @@ def variables_to_torch(variables: Mapping[str, Any], model) -> dict[str, np.ndar
       continue
     out[e.torch_key] = np.ascontiguousarray(_to_torch(e.layout, value))
   if problems:
-    raise ValueError(f'The variables do not belong to {_describe(model)}: ' + '; '.join(problems))
+    raise ValueError(f'The variables do not belong to {describe(model)}: ' + '; '.join(problems))
   return out
 
 
@@ -206,17 +208,17 @@ def _count_blocks(keys, stage: int) -> int:
   prefix = f'stage{stage}.'
   indices = {int(k[len(prefix):].split('.', 1)[0]) for k in keys if k.startswith(prefix)}
   if indices != set(range(len(indices))) or not indices:
-    raise ValueError(f'{_FAMILY}: the blocks of stage{stage} are not numbered 0..n-1 '
-                     f'({sorted(indices)}).')
+    raise DetectionError(f'{_FAMILY}: the blocks of stage{stage} are not numbered 0..n-1 '
+                         f'({sorted(indices)}).')
   return len(indices)
 
 
 def _square_side(area: int, what: str) -> int:
   side = math.isqrt(area)
   if side * side != area:
-    raise ValueError(f'{_FAMILY}: {what} ({area} values) is not square; detect() only knows '
-                     'square partitions and inputs. Build the model by hand (create_model with '
-                     'h, w, image_size) and call variables_from_torch.')
+    raise DetectionError(f'{_FAMILY}: {what} ({area} values) is not square; detect() only '
+                         'knows square partitions and inputs. Build the model by hand '
+                         '(create_model with h, w, image_size) and call variables_from_torch.')
   return side
 
 
@@ -253,18 +255,33 @@ def detect(state_dict: Mapping[str, np.ndarray]) -> tuple[str, dict[str, Any], b
     (num_classes included). The Local Perceptron kernels of a deploy-form file are unknowable
     and irrelevant to it: the variant's are kept.
   Raises:
-    ValueError: not a RepMLP-ResNet / ResNet-50 state_dict, or one whose shapes are inconsistent.
+    DetectionError: not a RepMLP-ResNet / ResNet-50 state_dict, or one whose keys or shapes are
+      inconsistent.
   """
+  try:
+    return _detect(state_dict)
+  except KeyError as e:  # A key that the keys found so far imply is absent.
+    raise DetectionError(f'{_FAMILY}: the state_dict has no {e.args[0]!r}, which its other keys '
+                         'imply. Pass the model name to get a full report of what differs.'
+                         ) from None
+
+
+def is_deploy(state_dict: Mapping[str, np.ndarray]) -> bool:
+  """Whether an official v1 state_dict holds the deploy form (its stem conv has no BatchNorm)."""
+  return 'stage0.0.bn.weight' not in state_dict
+
+
+def _detect(state_dict: Mapping[str, np.ndarray]) -> tuple[str, dict[str, Any], bool]:
   keys = list(state_dict)
   if 'stage0.0.conv.weight' not in state_dict or 'linear.weight' not in state_dict:
-    raise ValueError(f'Not a {_FAMILY} state_dict: no stage0.0.conv.weight / linear.weight '
-                     f'(first keys: {keys[:4]}). Strip any "module." prefix first; RepMLPNet '
-                     'checkpoints have their own importer.')
-  deploy = 'stage0.0.bn.weight' not in state_dict
+    raise DetectionError(f'Not a {_FAMILY} state_dict: no stage0.0.conv.weight / linear.weight '
+                         f'(first keys: {keys[:4]}). Strip any "module." prefix first; '
+                         'RepMLPNet checkpoints have their own key map.')
+  deploy = is_deploy(state_dict)
   has_light = any('.light_repmlp.' in k for k in keys)
   has_btnk = any('.btnk_repmlp.' in k for k in keys)
   if has_light and has_btnk:
-    raise ValueError(f'{_FAMILY}: the state_dict mixes Light and Bottleneck RepMLP blocks.')
+    raise DetectionError(f'{_FAMILY}: the state_dict mixes Light and Bottleneck RepMLP blocks.')
   kind = 'light' if has_light else 'bottleneck' if has_btnk else 'plain'
   depths = tuple(_count_blocks(keys, n) for n in range(1, 5))
   found: dict[str, Any] = dict(
@@ -275,12 +292,13 @@ def detect(state_dict: Mapping[str, np.ndarray]) -> tuple[str, dict[str, Any], b
       num_classes=int(state_dict['linear.weight'].shape[0]))
   if kind != 'plain':
     if depths[1] < 2 or depths[2] < 2:
-      raise ValueError(f'{_FAMILY}: a {kind} model needs RepMLP blocks in stage2 and stage3.')
+      raise DetectionError(f'{_FAMILY}: a {kind} model needs RepMLP blocks in stage2 and stage3.')
     c3, c4 = _repmlp_settings(state_dict, 2, kind), _repmlp_settings(state_dict, 3, kind)
     if (c3['h'], c3['w']) != (c4['h'], c4['w']) or c3['size'] * 8 != c4['size'] * 16:
-      raise ValueError(f'{_FAMILY}: the RepMLPs of stage2 and stage3 disagree on the partition '
-                       f'({c3["h"]} vs {c4["h"]}) or the input size ({c3["size"] * 8} vs '
-                       f'{c4["size"] * 16}).')
+      raise DetectionError(f'{_FAMILY}: the RepMLPs of stage2 and stage3 disagree on the '
+                           'partition '
+                           f'({c3["h"]} vs {c4["h"]}) or the input size ({c3["size"] * 8} vs '
+                           f'{c4["size"] * 16}).')
     found.update(h=c3['h'], w=c3['w'], c3_groups=c3['groups'], c4_groups=c4['groups'],
                  image_size=c3['size'] * 8)
     reduction = c3['reduction'] or c4['reduction']

@@ -4,6 +4,7 @@ A family's mapping module (one per model family) turns a PyTorch state_dict (nam
 official key names) into Flax variables and back. Before converting anything it compares the
 names and shapes it expects with those it got, and reports every missing, unexpected and
 mis-shaped key at once, so a user sees the whole problem in one error and nothing is written.
+Every family's `detect(state_dict) -> (name, overrides, deploy)` raises `DetectionError`.
 """
 
 from typing import Mapping, Sequence
@@ -25,6 +26,11 @@ class KeyMismatchError(ValueError):
     lines.append('Check the model name (or let it be detected) and whether the file holds the '
                  'training or the deploy form.')
     super().__init__('\n'.join(lines))
+
+
+class DetectionError(ValueError):
+  """A family's `detect` cannot read the model's settings from a state_dict (not that family's,
+  inconsistent or ambiguous); passing the model's name gives the full key report instead."""
 
 
 def check_keys(what: str, expected: Mapping[str, tuple[int, ...]],

@@ -1,7 +1,7 @@
 """The public re-parameterization: any training-form model -> its deploy form.
 
 Pure functions over pytrees, jit-able (the model is static); each model family's rule lives in
-its own module of this package.
+its own module of this package and is found through the family registry (`repmlp_jax.families`).
 """
 
 import functools
@@ -9,24 +9,17 @@ from typing import Any, Mapping
 
 import jax
 
-from repmlp_jax.models import pure_mlp
-from repmlp_jax.models import repmlp_resnet
-from repmlp_jax.models import repmlpnet
-from repmlp_jax.reparameterize import repmlpnet as repmlpnet_rule
-from repmlp_jax.reparameterize import resnet as resnet_rule
+from repmlp_jax import families
 
 Params = Mapping[str, Any]
 
 
 def reparam_variables(model, variables: Params) -> dict[str, Any]:
   """The deploy-form variables of `model`'s training-form `variables` (pure, jit-able)."""
+  rule = families.of(model).reparam_variables  # TypeError for an unregistered model class.
   if model.deploy:
     raise ValueError('reparam takes a training-form model; this one is already deploy=True.')
-  if isinstance(model, repmlpnet.RepMLPNet):
-    return repmlpnet_rule.reparam_variables(model, variables)
-  if isinstance(model, (repmlp_resnet.RepMLPResNet, pure_mlp.PureMLPNet)):
-    return resnet_rule.reparam_variables(model, variables)
-  raise TypeError(f'No re-parameterization is defined for {type(model).__name__}.')
+  return rule(model, variables)
 
 
 @functools.partial(jax.jit, static_argnums=0)
