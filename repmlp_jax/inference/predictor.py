@@ -19,6 +19,7 @@ import numpy as np
 from repmlp_jax.data import imagenet
 from repmlp_jax import model_io
 from repmlp_jax.inference import image_files
+from repmlp_jax.models import features as features_lib
 from repmlp_jax.reparameterize import deploy as reparameterize
 
 
@@ -74,7 +75,7 @@ class Predictor:
                        f'{model.num_classes} classes.')
     self.num_traces = 0  # How many times the forward pass was traced (= compiled).
     self._logits = jax.jit(self._forward_logits)
-    self._features = jax.jit(self._forward_features)
+    self._features = jax.jit(self._forward_features, static_argnums=2)  # out_indices
     self._top_k = jax.jit(_softmax_top_k, static_argnums=1)
 
   @classmethod
@@ -95,11 +96,11 @@ class Predictor:
     logits = self.model.apply(variables, x.astype(self.dtype), train=False)
     return logits.astype(jnp.float32)
 
-  def _forward_features(self, variables, x):
+  def _forward_features(self, variables, x, out_indices):
     self.num_traces += 1
-    feats = self.model.apply(variables, x.astype(self.dtype), train=False,
-                             return_features=True)
-    return {k: v.astype(jnp.float32) for k, v in feats.items()}
+    maps = features_lib.extract_features(self.model, variables, x.astype(self.dtype),
+                                         out_indices=out_indices)
+    return tuple(m.astype(jnp.float32) for m in maps)
 
   def _check_side(self, side: int, what: str) -> None:
     m = self.model.input_multiple
@@ -180,22 +181,23 @@ class Predictor:
                ) -> tuple[np.ndarray, ...]:
     """Per-stage feature maps (backbone use) of the model this Predictor runs.
 
+    The maps of `repmlp_jax.extract_features` (same stages, same indices), batched, compiled
+    once per resolution and choice of stages.
+
     Args:
       images: as for `logits`.
-      out_indices: which stages (0: the first, at 1/4 of the input resolution).
+      out_indices: which stages (0: the first, at 1/4 of the input resolution; negative indices
+        count from the last).
     Returns:
       One (N, H_i, W_i, C_i) float32 map per index.
     """
-    num_stages = len(self.model.depths)
-    bad = [i for i in out_indices if not -num_stages <= i < num_stages]
-    if bad:
-      raise ValueError(f'out_indices {bad} out of range for a model with {num_stages} stages.')
+    out_indices = tuple(out_indices)
+    features_lib.stage_keys(self.model, out_indices)  # Bad indices fail before any work.
     images = self._check_images(images)
-    keys = [f'stage_{i % num_stages}' for i in out_indices]
     per_batch = []
     for batch, n in self._batches(images):
-      feats = self._features(self.variables, batch)
-      per_batch.append([np.asarray(feats[k])[:n] for k in keys])
+      maps = self._features(self.variables, batch, out_indices)
+      per_batch.append([np.asarray(m)[:n] for m in maps])
     return tuple(np.concatenate(maps) for maps in zip(*per_batch))
 
   def describe(self, classes: np.ndarray, scores: np.ndarray) -> list[list[tuple[int, str, float]]]:
