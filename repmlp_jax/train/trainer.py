@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from repmlp_jax import families
 from repmlp_jax.train import checkpointing
 from repmlp_jax.data import input_pipeline
 from repmlp_jax import model_io
@@ -84,8 +85,9 @@ def _preprocess(config):
 def load_pretrained(exp: steps_lib.Experiment, state: dict[str, Any], path: str) -> dict[str, Any]:
   """Replaces the params and BN statistics of a fresh `state` by those of a saved model.
 
-  The classifier (`head`) is kept freshly initialised when its size differs (a new data set);
-  every other variable must match by name and shape. The optimizer state stays fresh.
+  The classifier (the family's, `repmlp_jax.families`: `head` or `linear`) is kept freshly
+  initialised when its size differs (a new data set); every other variable must match by name
+  and shape. The optimizer state stays fresh.
 
   Args:
     exp: the run's Experiment.
@@ -100,8 +102,9 @@ def load_pretrained(exp: steps_lib.Experiment, state: dict[str, Any], path: str)
                      'the training form (the official training-time weights).')
   loaded = {c: dict(_flatten(variables[c])) for c in ('params', 'batch_stats')}
   new = {c: dict(_flatten(state[c])) for c in ('params', 'batch_stats')}
+  classifier = families.of(exp.model).classifier + '/'
   for collection in new:
-    for key in [k for k in new[collection] if k.startswith('head/')]:
+    for key in [k for k in new[collection] if k.startswith(classifier)]:
       if key in loaded[collection] and loaded[collection][key].shape != new[collection][key].shape:
         loaded[collection][key] = new[collection][key]  # New classifier size: fresh head.
     state_dict_mapping.check_keys(
