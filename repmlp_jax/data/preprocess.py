@@ -5,21 +5,26 @@ Train, as the official recipe (torchvision/PIL semantics):
   RandAugment (see randaugment.py) -> to [0, 1] -> normalize with the ImageNet mean/std.
 Small data sets use the RepMLP paper's CIFAR recipe instead of the crop: resize to the training
 size (a no-op for CIFAR), zero-pad by `pad` pixels, random crop back, optional flip.
-Eval: resize the shorter side to image_size / crop_ratio, center crop image_size, normalize.
-crop_ratio 1.0 is the official RepMLPNet evaluation; 224/256 is mmpretrain's Resize(256) +
-CenterCrop(224).
+Eval: the official evaluation, `eval_transform.eval_pixels` (torchvision's Resize(int) +
+CenterCrop on PIL images: the shorter side to floor(image_size / crop_ratio), center crop
+image_size), run through tf.numpy_function so that training evaluation and inference on files
+give the same pixels; then normalize. crop_ratio 1.0 is the official RepMLPNet evaluation;
+224/256 is mmpretrain's Resize(256) + CenterCrop(224).
 
 Images arrive either encoded (JPEG/PNG/... bytes: tfds, image folders) or decoded uint8
-(H, W, C) with C in {1, 3}. Resizing is bilinear with antialiasing and rounds back to uint8,
-as PIL does, so RandAugment sees the same kind of image the original pipeline gave it.
+(H, W, C) with C in {1, 3}. Training resizes in TensorFlow, bilinear with antialiasing, rounded
+back to uint8 as PIL does, so RandAugment sees the same kind of image the original pipeline gave
+it.
 Randomness is stateless: each example carries its own seed (see input_pipeline.py).
 """
 
 import dataclasses
+import functools
 import math
 
 import tensorflow as tf
 
+from repmlp_jax.data import eval_transform
 from repmlp_jax.data import randaugment
 from repmlp_jax.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
@@ -155,22 +160,18 @@ def train_image(image: tf.Tensor, seed: tf.Tensor, *, image_size: int, p: Prepro
 
 
 def eval_image(image: tf.Tensor, *, image_size: int, p: Preprocess) -> tf.Tensor:
-  """One eval image: resize shorter side to image_size / crop_ratio, center crop, normalize.
+  """One eval image: the official evaluation crop (`eval_transform`), normalized.
+
+  Decoding, resizing and cropping run in PIL (tf.numpy_function), as in the official evaluation
+  and in `repmlp_jax.inference.image_files`: the same file gives the same pixels on both paths.
 
   Args:
     image: encoded image bytes (scalar string) or decoded uint8 (H, W, 1 or 3).
     image_size: output side.
     p: the settings (crop_ratio, mean, std are used).
   """
-  image = _decode(image)
-  # torchvision Resize(int): shorter side -> size, longer side scaled and truncated (exact in
-  # integers). The epsilon keeps e.g. 224 / (224 / 256) from truncating to 255.
-  short_side = int(image_size / p.crop_ratio + 1e-6)
-  shape = tf.shape(image)[:2]
-  new_shape = shape * short_side // tf.reduce_min(shape)
-  image = _resize_uint8(image, new_shape)
-  # torchvision CenterCrop rounds the offset.
-  top = tf.cast(tf.round(tf.cast(new_shape[0] - image_size, tf.float32) / 2), tf.int32)
-  left = tf.cast(tf.round(tf.cast(new_shape[1] - image_size, tf.float32) / 2), tf.int32)
-  image = tf.slice(image, [top, left, 0], [image_size, image_size, 3])
-  return _normalize(tf.ensure_shape(image, (image_size, image_size, 3)), p)
+  eval_transform.short_side(image_size, p.crop_ratio)  # A bad crop_ratio fails while tracing.
+  pixels = tf.numpy_function(
+      functools.partial(eval_transform.eval_pixels_of, size=image_size, crop_ratio=p.crop_ratio),
+      [image], tf.uint8, stateful=False)
+  return _normalize(tf.ensure_shape(pixels, (image_size, image_size, 3)), p)

@@ -1,10 +1,10 @@
-"""Evaluation preprocessing with PIL and numpy: resize, center crop, ImageNet normalization.
+"""Image files -> model inputs, with the official evaluation preprocessing (PIL and numpy).
 
-The official RepMLPNet evaluation (and mmpretrain's): resize so that the SHORT side equals
-size / crop_ratio (bilinear, PIL's filter as torchvision uses it), center crop size x size, scale
-to [0, 1], subtract the ImageNet mean and divide by its std. crop_ratio is 1.0 for the official
-RepMLPNet numbers (resize to the test size, then crop); 0.875 gives mmpretrain's 224 recipe
-(Resize(256) + CenterCrop(224)). No TensorFlow is needed at inference.
+The preprocessing itself is `repmlp_jax.data.eval_transform` (torchvision's Resize(int) +
+CenterCrop on PIL images, then the ImageNet normalization), the same definition the training
+evaluation uses, so a file gives the same input here as in `train.py`'s evaluation. crop_ratio
+1.0 is the official RepMLPNet evaluation; 0.875 gives Resize(256) + CenterCrop(224). No
+TensorFlow is needed.
 """
 
 import os
@@ -13,32 +13,10 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from repmlp_jax.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
-
-
-def resize_short_side(image: Image.Image, short: int) -> Image.Image:
-  """Bilinear resize so that min(height, width) == short, keeping the aspect ratio.
-
-  The long side is truncated, as torchvision's Resize(int) does.
-  """
-  width, height = image.size
-  if width <= height:
-    new_w, new_h = short, int(short * height / width)
-  else:
-    new_w, new_h = int(short * width / height), short
-  if (new_w, new_h) == (width, height):
-    return image
-  return image.resize((new_w, new_h), Image.BILINEAR)
-
-
-def center_crop(image: Image.Image, size: int) -> Image.Image:
-  """The central size x size square (offsets rounded as torchvision's CenterCrop)."""
-  width, height = image.size
-  if width < size or height < size:
-    raise ValueError(f'Cannot center-crop {size}x{size} from a {width}x{height} image.')
-  left = int(round((width - size) / 2.0))
-  top = int(round((height - size) / 2.0))
-  return image.crop((left, top, left + size, top + size))
+from repmlp_jax.data import eval_transform
+# Re-exported: the pieces of the preprocessing, under the names this module always had.
+from repmlp_jax.data.eval_transform import center_crop, resize_short_side  # noqa: F401
+from repmlp_jax.data.imagenet import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401
 
 
 def preprocess_image(image: Image.Image, size: int, crop_ratio: float = 1.0) -> np.ndarray:
@@ -51,13 +29,7 @@ def preprocess_image(image: Image.Image, size: int, crop_ratio: float = 1.0) -> 
   Returns:
     (size, size, 3) float32, normalized with the ImageNet mean and std.
   """
-  if not 0.0 < crop_ratio <= 1.0:
-    raise ValueError(f'crop_ratio must be in (0, 1]; got {crop_ratio}.')
-  image = image.convert('RGB')
-  image = resize_short_side(image, int(round(size / crop_ratio)))
-  image = center_crop(image, size)
-  x = np.asarray(image, np.float32) / 255.0
-  return (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+  return eval_transform.normalize(eval_transform.eval_pixels(image, size, crop_ratio))
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
