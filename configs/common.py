@@ -1,7 +1,7 @@
 """Shared defaults of every experiment: the official RepMLPNet ImageNet recipe.
 
 Each experiment file calls `get_config()` and changes what differs. Durations are in epochs
-(fractions allowed) and become steps in one place, `repmlp_jax.train.trainer.derive_steps`;
+(fractions allowed) and become steps in one place, `repmlp_jax.train.experiment.derive_steps`;
 `num_train_steps > 0` replaces `num_epochs` (short runs, tests). Learning rates are given for a
 global batch of `lr_reference_batch` images and scaled linearly by the global batch size (the
 base lr, the warmup start and the final lr alike), as the official code does.

@@ -1,7 +1,7 @@
 """A serialized deploy artifact: StableHLO via `jax.export`, runnable without the model code.
 
-The artifact maps normalized NHWC float32 images (see `repmlp_jax.data.preprocess`) to float32
-logits. The weights are embedded as constants, so the file alone is enough:
+The artifact maps normalized NHWC float32 images (see `repmlp_jax.inference.image_files`) to
+float32 logits. The weights are embedded as constants, so the file alone is enough:
 
     exported = repmlp_jax.inference.export.load_exported('b224.bin')   # needs only jax
     logits = exported.call(images)                           # (N, 224, 224, 3) -> (N, 1000)

@@ -14,7 +14,7 @@ formats are handled: the zip format (torch >= 1.6) and the legacy one
 Unwrapping: a raw state_dict, {'model': ...} (the authors' training checkpoints), {'state_dict':
 ...} (mmpretrain / mmengine), EMA weights ({'model_ema'}, {'ema'}, ... only when asked), and a
 `module.` prefix (DistributedDataParallel). Key renaming between layouts belongs to each model
-family's mapping module (e.g. `torch_keys_repmlpnet`).
+family's key map (e.g. `repmlp_jax.pytorch.keys_repmlpnet`).
 """
 
 import _compat_pickle
