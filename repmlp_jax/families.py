@@ -115,14 +115,15 @@ def torch_keys_of(model: nn.Module | type[nn.Module]) -> TorchKeys:
   """The PyTorch key map of a model's family.
 
   Raises:
-    TypeError: the family has none.
+    ValueError: the family has none (no PyTorch checkpoints exist for it).
+    TypeError: the class is not registered.
   """
   family = of(model)
   if family.torch_keys is None:
     cls = model if isinstance(model, type) else type(model)
     with_keys = ', '.join(c.__name__ for c, f in FAMILIES.items() if f.torch_keys is not None)
-    raise TypeError(f'No PyTorch key map is defined for {cls.__name__} ({family.name}); PyTorch '
-                    f'checkpoints are supported for {with_keys}.')
+    raise ValueError(f'No PyTorch key map is defined for {cls.__name__} ({family.name}); '
+                     f'PyTorch checkpoints are supported for {with_keys}.')
   return family.torch_keys
 
 

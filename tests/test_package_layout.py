@@ -123,5 +123,17 @@ def test_an_unregistered_class_is_refused_clearly():
   with pytest.raises(TypeError, match='Other is not a registered model family'):
     families.of(Other())
   from repmlp_jax.models import pure_mlp
-  with pytest.raises(TypeError, match='No PyTorch key map is defined for PureMLPNet'):
+  with pytest.raises(ValueError, match='No PyTorch key map is defined for PureMLPNet'):
     families.torch_keys_of(pure_mlp.PureMLPNet)
+
+
+def test_pytorch_files_of_a_family_without_a_key_map_are_refused_clearly():
+  import numpy as np
+  import repmlp_jax
+  sd = {'stage0.0.conv.weight': np.zeros((4, 3, 3, 3), np.float32)}
+  with pytest.raises(ValueError, match='supported for RepMLPNet, RepMLPResNet'):
+    repmlp_jax.load_torch(sd, 'RepMLP-CIFAR-PureMLP')
+  with pytest.raises(ValueError, match='No PyTorch key map is defined for PureMLPNet'):
+    repmlp_jax.to_torch_state_dict(repmlp_jax.create_model('RepMLP-CIFAR-PureMLP'), {})
+  with pytest.raises(ValueError, match='Not a checkpoint of a known model'):
+    repmlp_jax.load_torch({'fc.weight': np.zeros((2, 2), np.float32)})

@@ -31,6 +31,8 @@ def to_torch_state_dict(model: nn.Module, variables: Any, *,
     layout: 'official' (the authors' key names and order) or 'mmpretrain'.
   Returns:
     An OrderedDict of CPU torch tensors (num_batches_tracked = 0).
+  Raises:
+    ValueError: an unknown layout, one the family lacks, or a family without PyTorch checkpoints.
   """
   torch = torch_files.require_torch()
   if layout not in LAYOUTS:

@@ -166,7 +166,7 @@ def load_torch(path_or_state_dict: Any, name: str | None = None, *, deploy: bool
     files.CheckpointFileError: not a checkpoint, truncated, or would run code to load.
     mapping.KeyMismatchError: every missing, unexpected and mis-shaped key.
     mapping.DetectionError: the model cannot be detected (pass `name`).
-    TypeError: the named model's family has no PyTorch key map.
+    ValueError: the named model's family has no PyTorch checkpoints.
     ImportError: PyTorch is not installed (`pip install 'repmlp-jax[torch]'`).
   """
   result = import_torch(path_or_state_dict, name, deploy=deploy, use_ema=use_ema)
