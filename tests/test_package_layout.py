@@ -137,3 +137,17 @@ def test_pytorch_files_of_a_family_without_a_key_map_are_refused_clearly():
     repmlp_jax.to_torch_state_dict(repmlp_jax.create_model('RepMLP-CIFAR-PureMLP'), {})
   with pytest.raises(ValueError, match='Not a checkpoint of a known model'):
     repmlp_jax.load_torch({'fc.weight': np.zeros((2, 2), np.float32)})
+
+
+def test_both_detect_functions_raise_detection_error():
+  import numpy as np
+  from repmlp_jax.pytorch import keys_repmlpnet, keys_resnet, mapping
+  z = np.zeros((2, 2), np.float32)
+  resnet_like = {'stage0.0.conv.weight': z, 'linear.weight': z,
+                 **{f'stage{n}.0.conv1.conv.weight': z for n in range(1, 5)}}
+  for detect, sd, message in [
+      (keys_repmlpnet.detect, resnet_like, 'Not a RepMLPNet'),
+      (keys_resnet.detect, {'conv_embedding.conv.weight': z}, 'Not a RepMLP-ResNet'),
+      (keys_resnet.detect, resnet_like, "no 'stage1.0.conv3.conv.weight'")]:  # A missing key.
+    with pytest.raises(mapping.DetectionError, match=message):
+      detect(sd)
