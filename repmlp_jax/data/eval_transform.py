@@ -1,4 +1,4 @@
-"""The official evaluation preprocessing, defined once: torchvision's Resize(int) + CenterCrop on PIL.
+"""The official evaluation preprocessing, defined once: torchvision Resize(int) + CenterCrop on PIL.
 
 The authors' evaluation (and timm's, and mmpretrain's with its `backend='pillow'`) opens each
 file with PIL, converts it to RGB, resizes the short side to `floor(size / crop_ratio)` with PIL's
