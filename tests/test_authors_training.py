@@ -30,6 +30,11 @@ import torch
 
 from configs import common
 from configs import imagenet_b224
+from configs import imagenet_b256
+from configs import imagenet_d256
+from configs import imagenet_l256
+from configs import imagenet_t224
+from configs import imagenet_t256
 from repmlp_jax.pytorch import keys_repmlpnet
 from repmlp_jax.train import ema
 from repmlp_jax.train import experiment
@@ -194,3 +199,22 @@ def test_ema_settings_are_checked():
   config.update(ema_decay=0.999, ema_alpha=1e-5)
   with pytest.raises(ValueError, match='either ema_decay .* or ema_alpha'):
     ema.check_config(config)
+
+
+@pytest.mark.parametrize('module', [imagenet_t224, imagenet_b224, imagenet_t256, imagenet_b256,
+                                    imagenet_d256, imagenet_l256])
+def test_imagenet_configs_use_the_authors_batch_norm_groups(module):
+  config = module.get_config()
+  assert (config.bn_group_size, config.global_batch_size) == (32, 256)  # 8 GPUs x 32.
+  assert (config.ema_decay, config.ema_alpha, config.ema_update_period) == (0.0, 0.0, 8)
+
+
+def test_bn_group_size_must_divide_each_forward_batch():
+  config = _config(jnp.float32, 1e-3)
+  config.bn_group_size = 3
+  with pytest.raises(ValueError, match='bn_group_size=3 does not divide the batch of 8'):
+    experiment.Experiment(config, num_classes=NUM_CLASSES, steps=STEPS)
+  config.bn_group_size = 8
+  config.grad_accum_steps = 2  # Micro-batches of 4: groups must split each of them.
+  with pytest.raises(ValueError, match='bn_group_size=8 does not divide the batch of 4'):
+    experiment.Experiment(config, num_classes=NUM_CLASSES, steps=STEPS)
