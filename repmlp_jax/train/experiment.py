@@ -3,7 +3,8 @@
 `Experiment` binds a config, a model, its optimizer and a device mesh. The state is a plain
 pytree {'params', 'batch_stats', 'opt_state', 'step', 'rng'} (plus 'ema' when
 config.ema_decay or config.ema_alpha > 0, see train/ema.py), born sharded
-(`jax.jit(init, out_shardings=...)`); the train step donates it and returns a dict of measurements that stays on the devices until the caller pulls it.
+(`jax.jit(init, out_shardings=...)`); the train step donates it and returns a dict of
+measurements that stays on the devices until the caller pulls it.
 """
 
 import dataclasses
