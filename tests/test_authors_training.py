@@ -8,8 +8,8 @@ parameters and the running statistics (the mean over ranks; see README) after ev
 - float64 (jax_enable_x64, one device): relative 1e-10 (arrays: of max(largest entry, 1e-2)),
   the authors' AdamW eps 1e-8. Arrays that are zero in exact arithmetic (the biases of prebn2
   and of the FFN's last BatchNorm, whose shift every later BatchNorm removes, so their gradient
-  vanishes; the running mean after a zero-mean input) hold rounding noise (1e-11) that Adam
-  amplifies alike on both sides: they agree to 1e-10 absolutely;
+  vanishes; the running mean after a zero-mean input) hold rounding noise (1e-11), different
+  on each side and amplified by Adam: they are compared absolutely, to 1e-10;
 - float32 on the 8 simulated devices (each group of 4 images spans 4 devices) against the float64
   truth: relative 1e-6 on the loss, gradient norm and lr; parameters and statistics within 2e-5 of
   max(largest entry, 1e-2) per array. Here Adam's eps is 1e-3: some gradients are zero in exact
