@@ -68,6 +68,16 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Exponential moving average of the weights, evaluated besides the model (0 = off, official).
   config.ema_decay = 0.0
+  # Or the authors' EMA (their TRAIN.EMA_ALPHA, off in their recipe; repmlp_jax/train/ema.py):
+  # every ema_update_period steps, weight min(1, ema_alpha * global_batch / epochs * period)
+  # on the new weights; a copy during warmup. At most one of ema_decay, ema_alpha is > 0.
+  config.ema_alpha = 0.0
+  config.ema_update_period = 8
+
+  # BatchNorm statistics in training: per group of bn_group_size consecutive images of each
+  # forward pass (the authors' per-GPU BatchNorm: 32 images on each of 8 GPUs; the ImageNet
+  # configs set 32); 0 = over the whole batch (a synchronized BatchNorm).
+  config.bn_group_size = 0
 
   # Sharding: data-parallel over every device; with fsdp the parameters and the optimizer
   # state whose size is at least fsdp_min_size elements are also split along the 'data' axis.

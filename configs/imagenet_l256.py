@@ -16,4 +16,5 @@ def get_config():
   config.model = 'RepMLPNet-L256'
   config.image_size = 256
   config.eval_image_size = 256
+  config.bn_group_size = 32  # The authors' per-GPU batch (8 GPUs x 32).
   return config

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from repmlp_jax.models import batch_norm as bn_lib
+
 Dtype = Any
 Precision = Any
 
@@ -21,10 +23,12 @@ BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9  # PyTorch's momentum 0.1.
 
 
-def batch_norm(train: bool, dtype: Dtype, name: str | None = None) -> nn.BatchNorm:
-  """The BatchNorm of the whole model; statistics are global under jit with sharded batches."""
-  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                      dtype=dtype, name=name)
+def batch_norm(train: bool, dtype: Dtype, name: str | None = None) -> bn_lib.BatchNorm:
+  """The BatchNorm of every model: PyTorch's running variance; in training mode its statistics
+  are the whole batch's (global under jit with sharded batches), or each group's inside
+  `batch_norm.grouped_statistics`."""
+  return bn_lib.BatchNorm(use_running_average=not train, num_groups=bn_lib.current_num_groups(),
+                          momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, name=name)
 
 
 def make_divisible(value: float, divisor: int) -> int:

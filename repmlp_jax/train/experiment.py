@@ -2,8 +2,9 @@
 
 `Experiment` binds a config, a model, its optimizer and a device mesh. The state is a plain
 pytree {'params', 'batch_stats', 'opt_state', 'step', 'rng'} (plus 'ema' when
-config.ema_decay > 0), born sharded (`jax.jit(init, out_shardings=...)`); the train step donates
-it and returns a dict of measurements that stays on the devices until the caller pulls it.
+config.ema_decay or config.ema_alpha > 0, see train/ema.py), born sharded
+(`jax.jit(init, out_shardings=...)`); the train step donates it and returns a dict of
+measurements that stays on the devices until the caller pulls it.
 """
 
 import dataclasses
@@ -18,7 +19,9 @@ import optax
 from jax.sharding import Mesh
 
 from repmlp_jax.data import mixup
+from repmlp_jax.models import batch_norm
 from repmlp_jax.models import factory as models
+from repmlp_jax.train import ema
 from repmlp_jax.train import optim
 from repmlp_jax.reparameterize import deploy as reparameterize
 from repmlp_jax.train import sharding
@@ -110,6 +113,10 @@ class Experiment:
     self.steps = steps
     self.mesh = mesh or sharding.create_mesh()
     self.model = build_model(config, num_classes)
+    ema.check_config(config)
+    # Fails here, before any compile, when the groups do not split each forward pass's batch.
+    batch_norm.num_groups(config.global_batch_size // config.get('grad_accum_steps', 1),
+                          config.bn_group_size)
     self.deploy_model = self.model.clone(deploy=True)
     self.schedule = optim.learning_rate_schedule(config, total_steps=steps.total,
                                                  warmup_steps=steps.warmup)
@@ -154,7 +161,7 @@ class Experiment:
     state = {'params': variables['params'], 'batch_stats': variables['batch_stats'],
              'opt_state': self.tx.init(variables['params']),
              'step': jnp.zeros((), jnp.int32), 'rng': train_rng}
-    if self.config.ema_decay > 0:
+    if ema.enabled(self.config):
       state['ema'] = _variables(variables)
     return state
 
@@ -174,10 +181,14 @@ class Experiment:
     images, targets = self._targets(rng, batch['image'], batch['label'])
 
     def loss_fn(params):
-      logits, updates = self.model.apply(
-          {'params': params, 'batch_stats': state['batch_stats']}, images, train=True,
-          mutable=['batch_stats'])
-      loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+      # BatchNorm groups of bn_group_size images (the authors' per-GPU BatchNorm), per forward.
+      with batch_norm.grouped_statistics(images.shape[0], self.config.bn_group_size):
+        logits, updates = self.model.apply(
+            {'params': params, 'batch_stats': state['batch_stats']}, images, train=True,
+            mutable=['batch_stats'])
+      # At least float32 (float64 kept: the step is compared with PyTorch's in float64).
+      logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+      loss = optax.softmax_cross_entropy(logits, targets).mean()
       return loss, (logits, updates['batch_stats'])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -187,9 +198,9 @@ class Experiment:
     new_state = {**state, 'params': params, 'batch_stats': batch_stats, 'opt_state': opt_state,
                  'step': step + 1}
     if 'ema' in state:
-      decay = self.config.ema_decay
-      new_state['ema'] = jax.tree.map(lambda e, x: decay * e + (1.0 - decay) * x, state['ema'],
-                                      _variables(new_state))
+      new_state['ema'] = ema.update(self.config, state['ema'], _variables(new_state), step,
+                                    steps_per_epoch=self.steps.per_epoch,
+                                    total_steps=self.steps.total)
     measurements = {
         'loss': loss,
         # Against the un-mixed labels: a rough signal under mixup / CutMix.

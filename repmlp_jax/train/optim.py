@@ -27,7 +27,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, *, total_steps: in
   peak, start, end = config.base_lr * scale, config.warmup_lr * scale, config.min_lr * scale
 
   def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
+    # The default float: float32, or float64 under jax_enable_x64 (the schedule is checked
+    # against timm's to 1e-12).
+    step = jnp.asarray(step, jnp.result_type(float))
     warmup = start + (peak - start) * step / max(warmup_steps, 1)
     progress = jnp.minimum(step, total_steps) / max(total_steps, 1)
     cosine = end + 0.5 * (peak - end) * (1.0 + jnp.cos(jnp.pi * progress))
@@ -41,9 +43,24 @@ def decay_mask(params) -> object:
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """PyTorch's clip_grad_norm_: gradients times min(1, max_norm / (norm + 1e-6)).
+
+  optax.clip_by_global_norm scales by max_norm / norm; the 1e-6 makes a relative difference of
+  about 1e-6 / norm, which Adam carries into every later update. This is the authors' rule, and
+  its state is optax's (EmptyState), so checkpoints are unchanged.
+  """
+  def clip(updates, params=None):
+    del params
+    factor = jnp.minimum(1.0, max_norm / (optax.tree.norm(updates) + 1e-6))
+    return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates)
+
+  return optax.stateless(clip)
+
+
 def create_optimizer(config: ml_collections.ConfigDict,
                      schedule: optax.Schedule) -> optax.GradientTransformation:
-  """clip_by_global_norm(grad_clip_norm) followed by AdamW (decoupled decay, masked) or SGD.
+  """PyTorch's clip_grad_norm_(grad_clip_norm) followed by AdamW (decoupled decay, masked) or SGD.
 
   Args:
     config: optimizer ('adamw' or 'sgd'), grad_clip_norm (<= 0: no clipping), weight_decay;
@@ -64,5 +81,5 @@ def create_optimizer(config: ml_collections.ConfigDict,
   else:
     raise ValueError(f"Unknown optimizer {name!r}: choose 'adamw' or 'sgd'.")
   if config.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), update)
+    return optax.chain(clip_by_global_norm(config.grad_clip_norm), update)
   return update

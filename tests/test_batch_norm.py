@@ -1,0 +1,243 @@
+"""The package's BatchNorm: flax's variables, PyTorch's statistics, groups of images.
+
+Against torch.nn.BatchNorm2d in float64 (one module per group, as one per GPU under DDP) to
+1e-12; evaluation mode bit for bit equal to flax's nn.BatchNorm; float32 statistics under
+bfloat16 compute; groups under jit, inside lax.scan and sharded over the 8 simulated devices;
+every model family builds its BatchNorms through layers.batch_norm and groups whole images.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import repmlp_jax
+from repmlp_jax.models import batch_norm
+from repmlp_jax.models import layers
+from repmlp_jax.train import sharding
+from tests import fast_init
+from tests import helpers
+
+
+def _x(shape, seed=0, offset=1.0):
+  return np.random.default_rng(seed).normal(size=shape) * 2.0 + offset
+
+
+def _variables(channels, seed=0, dtype=np.float32):
+  rng = np.random.default_rng(seed)
+  return {'params': {'scale': rng.uniform(0.5, 1.5, channels).astype(dtype),
+                     'bias': rng.normal(size=channels).astype(dtype)},
+          'batch_stats': {'mean': rng.normal(size=channels).astype(dtype),
+                          'var': rng.uniform(0.5, 2.0, channels).astype(dtype)}}
+
+
+def _train(variables, x, batch_size, group_size, dtype=None):
+  """Training-mode BatchNorm built by layers.batch_norm inside grouped_statistics."""
+  with batch_norm.grouped_statistics(batch_size, group_size):
+    module = layers.batch_norm(True, dtype or x.dtype)
+  return module.apply(variables, x, mutable=['batch_stats'])
+
+
+def test_variables_are_those_of_flax_batch_norm():
+  x = jax.ShapeDtypeStruct((2, 4, 4, 3), jnp.bfloat16)
+  ours = jax.eval_shape(layers.batch_norm(True, jnp.bfloat16).init, jax.random.key(0), x)
+  flax_bn = nn.BatchNorm(use_running_average=False, dtype=jnp.bfloat16)
+  theirs = jax.eval_shape(flax_bn.init, jax.random.key(0), x)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), ours) == jax.tree.map(
+      lambda a: (a.shape, a.dtype), theirs)
+  initial = layers.batch_norm(False, jnp.float32).init(jax.random.key(0), jnp.ones((2, 3)))
+  jax.tree.map(np.testing.assert_array_equal, initial,
+               nn.BatchNorm(use_running_average=True).init(jax.random.key(0), jnp.ones((2, 3))))
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_eval_mode_is_exactly_flax_eval_mode(dtype):
+  variables = _variables(5)
+  x = jnp.asarray(_x((3, 4, 4, 5)), dtype)
+  ours = jax.jit(layers.batch_norm(False, dtype).apply)(variables, x)
+  flax_bn = nn.BatchNorm(use_running_average=True, momentum=0.9, epsilon=1e-5, dtype=dtype)
+  np.testing.assert_array_equal(ours, jax.jit(flax_bn.apply)(variables, x))
+  assert ours.dtype == dtype
+
+
+def test_train_mode_normalizes_as_flax_and_updates_the_variance_as_pytorch():
+  variables = _variables(5)
+  x = jnp.asarray(_x((4, 3, 2, 5)), jnp.float32)
+  y, updates = _train(variables, x, 4, 0)
+  flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
+  y_flax, flax_updates = flax_bn.apply(variables, x, mutable=['batch_stats'])
+  np.testing.assert_allclose(y, y_flax, rtol=1e-6, atol=1e-6)
+  stats, flax_stats, old = updates['batch_stats'], flax_updates['batch_stats'], variables[
+      'batch_stats']
+  np.testing.assert_allclose(stats['mean'], flax_stats['mean'], rtol=1e-6)
+  n = 4 * 3 * 2  # Values per channel: the variance is unbiased with n / (n - 1).
+  biased = (flax_stats['var'] - 0.9 * old['var']) / 0.1
+  np.testing.assert_allclose(stats['var'], 0.9 * old['var'] + 0.1 * biased * n / (n - 1),
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize('group_size', [0, 8, 4, 2])
+@pytest.mark.parametrize('rows_per_image', [1, 3])
+def test_groups_equal_one_pytorch_batch_norm_per_group(group_size, rows_per_image):
+  """rows_per_image 3: the leading axis holds several rows per image (windows, partitions)."""
+  with jax.enable_x64(True):
+    batch, channels = 8, 3
+    x = _x((batch * rows_per_image, 5, 4, channels))
+    variables = _variables(channels, dtype=np.float64)
+    y, updates = _train(variables, jnp.asarray(x), batch, group_size)
+  groups = batch // group_size if group_size else 1
+  torch_bns = []
+  outputs = []
+  for xg in np.split(x, groups):
+    bn = torch.nn.BatchNorm2d(channels).double().train()
+    with torch.no_grad():
+      for name, value in (('weight', variables['params']['scale']),
+                          ('bias', variables['params']['bias']),
+                          ('running_mean', variables['batch_stats']['mean']),
+                          ('running_var', variables['batch_stats']['var'])):
+        getattr(bn, name).copy_(torch.from_numpy(value))
+      outputs.append(bn(torch.from_numpy(xg.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1))
+    torch_bns.append(bn)
+  assert helpers.relative_error(np.concatenate(outputs), y) <= 1e-12
+  for ours, theirs in (('mean', 'running_mean'), ('var', 'running_var')):
+    mean_over_groups = np.mean([getattr(bn, theirs).numpy() for bn in torch_bns], axis=0)
+    assert helpers.relative_error(mean_over_groups, updates['batch_stats'][ours]) <= 1e-12
+
+
+def test_bfloat16_compute_keeps_float32_statistics():
+  x = jnp.asarray(_x((16, 4, 4, 8), offset=3.0), jnp.bfloat16)
+  variables = _variables(8)
+  y, updates = _train(variables, x, 16, 4, dtype=jnp.bfloat16)
+  assert y.dtype == jnp.bfloat16
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(updates))
+  # The same bfloat16 values reduced in float32: any bfloat16 reduction would be ~1e-2 off.
+  _, reference = _train(variables, x.astype(jnp.float32), 16, 4, dtype=jnp.float32)
+  for name in ('mean', 'var'):
+    np.testing.assert_allclose(updates['batch_stats'][name], reference['batch_stats'][name],
+                               rtol=1e-6)
+
+
+class _Unit(nn.Module):
+  """Dense -> BatchNorm: a stand-in for a unit applied functionally inside lax.scan."""
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    return layers.batch_norm(train, jnp.float32, name='bn')(nn.Dense(6, name='fc')(x))
+
+
+def test_groups_apply_inside_lax_scan_under_jit():
+  unit = _Unit()
+  x = jnp.asarray(_x((8, 2, 2, 6)), jnp.float32)
+  stacked = jax.vmap(lambda k: unit.init(k, x, train=False))(jax.random.split(jax.random.key(0),
+                                                                              3))
+
+  def scanned(stacked, x):
+    def body(h, variables):
+      h, updates = unit.apply(variables, h, train=True, mutable=['batch_stats'])
+      return h, updates['batch_stats']
+    with batch_norm.grouped_statistics(8, 2):
+      return jax.lax.scan(body, x, stacked)
+
+  out, stats = jax.jit(scanned)(stacked, x)
+  whole_batch = x  # Outside the context: statistics over all 8 images.
+  for i in range(3):
+    variables = jax.tree.map(lambda a: a[i], stacked)
+    whole_batch, _ = unit.apply(variables, whole_batch, train=True, mutable=['batch_stats'])
+  # Each group of 2 images in a call of its own: what the scanned, grouped units must give.
+  expected, expected_stats = x, []
+  for i in range(3):
+    variables = jax.tree.map(lambda a: a[i], stacked)
+    parts = [unit.apply(variables, part, train=True, mutable=['batch_stats'])
+             for part in jnp.split(expected, 4)]
+    expected = jnp.concatenate([p[0] for p in parts])
+    expected_stats.append(jax.tree.map(lambda *s: sum(s) / 4, *[p[1] for p in parts]))
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  for i, want in enumerate(expected_stats):
+    got = jax.tree.map(lambda a: a[i], stats)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), got,
+                 want['batch_stats'])
+  assert not np.allclose(out, whole_batch, atol=1e-3)  # The groups did change the result.
+
+
+@pytest.mark.parametrize('group_size', [0, 4, 2, 1])
+def test_sharded_groups_equal_unsharded(group_size):
+  """16 images on 8 devices: groups of 4 span two devices, of 2 fill one, of 1 half of one."""
+  assert jax.device_count() == 8
+  x = jnp.asarray(_x((16, 4, 4, 8)), jnp.float32)
+  variables = _variables(8)
+
+  def step(variables, x):
+    return _train(variables, x, 16, group_size)
+
+  expected = jax.jit(step)(variables, x)
+  mesh = sharding.create_mesh(jax.devices())
+  sharded_x = jax.device_put(x, NamedSharding(mesh, P('data')))
+  got = jax.jit(step)(variables, sharded_x)
+  assert len(sharded_x.sharding.device_set) == 8
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-6), got,
+               expected)
+
+
+def test_bad_groups_fail_clearly():
+  with pytest.raises(ValueError, match='bn_group_size=3 does not divide the batch of 8'):
+    with batch_norm.grouped_statistics(8, 3):
+      pass
+  with pytest.raises(ValueError, match='must be >= 0'):
+    batch_norm.num_groups(8, -1)
+  with pytest.raises(ValueError, match='more than one value per channel'):
+    _train(_variables(3), jnp.ones((4, 3)), 4, 1)  # One value per channel and group.
+  assert batch_norm.current_num_groups() == 1  # Contexts left cleanly.
+
+
+def _batch_norm_count(model, x_shape):
+  """Modules built during init: (our BatchNorms, flax nn.BatchNorms, BatchNorm stats)."""
+  built = []
+
+  def record(next_fun, args, kwargs, context):
+    built.append(type(context.module))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    abstract = jax.eval_shape(model.init, jax.random.key(0),
+                              jax.ShapeDtypeStruct(x_shape, jnp.float32))
+  stats = [p for p, _ in jax.tree_util.tree_leaves_with_path(abstract['batch_stats'])
+           if jax.tree_util.keystr(p).endswith("['mean']")]
+  return built.count(batch_norm.BatchNorm), built.count(nn.BatchNorm), len(stats)
+
+
+@pytest.mark.parametrize('name, size', [('RepMLPNet-B224', 224), ('RepMLP-ResNet50-Light', 224),
+                                        ('RepMLP-ResNet50-g8-16', 320), ('ResNet-50', 224),
+                                        ('RepMLP-CIFAR-PureMLP', 32)])
+def test_every_model_family_uses_the_package_batch_norm(name, size):
+  ours, flax_bns, stats = _batch_norm_count(repmlp_jax.create_model(name), (1, size, size, 3))
+  assert flax_bns == 0 and ours == stats > 0
+
+
+@pytest.mark.parametrize('name, size, overrides', [
+    ('_RepMLP-ResNet-Tiny', 64, {}),
+    ('RepMLP-CIFAR-PureMLP', 32, dict(channels=(8, 8, 16), depths=(1, 1, 1))),
+])
+def test_grouped_forward_equals_one_forward_per_group(name, size, overrides):
+  """Every BatchNorm of the v1 families (RepMLP with its windows, ResNet) groups whole images."""
+  with jax.enable_x64(True):
+    model = repmlp_jax.create_model(name, num_classes=5, dtype=jnp.float64, **overrides)
+    x = jnp.asarray(_x((4, size, size, 3)))
+    variables = fast_init.random_variables(model, x.shape, dtype=jnp.float64)
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def forward(variables, x, group_size):
+      with batch_norm.grouped_statistics(x.shape[0], group_size):
+        return model.apply(variables, x, train=True, mutable=['batch_stats'])
+
+    logits, updates = forward(variables, x, 2)
+    halves = [forward(variables, part, 0) for part in jnp.split(x, 2)]
+    mean_stats = jax.tree.map(lambda a, b: (a + b) / 2, halves[0][1], halves[1][1])
+  assert helpers.relative_error(np.concatenate([h[0] for h in halves]), logits) <= 1e-12
+  for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(mean_stats)):
+    assert helpers.relative_error(want, got) <= 1e-12
