@@ -64,8 +64,9 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
   if not os.path.isfile(path):
     raise FileNotFoundError(f'No safetensors file at {path}.')
   try:
-    # The 'flax' framework reads every dtype (numpy lacks bfloat16); arrays go straight to numpy.
-    with safetensors.safe_open(path, framework='flax') as f:
+    # The 'flax' framework reads every dtype (numpy lacks bfloat16); host memory, then numpy.
+    with (jax.default_device(jax.local_devices(backend='cpu')[0]),
+          safetensors.safe_open(path, framework='flax') as f):
       metadata = dict(f.metadata() or {})
       arrays = {}
       for name in f.keys():
@@ -162,6 +163,7 @@ def save_pretrained(path: str | os.PathLike, model: nn.Module, variables: Any,
                                 metadata={'format': 'flax', 'library': 'repmlp_jax'})
   tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
   try:
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the published directory.
     for name, content in ((WEIGHTS_NAME, data),
                           (CONFIG_NAME, (json.dumps(config, indent=2) + '\n').encode())):
       with open(os.path.join(tmp, name), 'wb') as f:
@@ -179,10 +181,16 @@ def save_pretrained(path: str | os.PathLike, model: nn.Module, variables: Any,
   return path
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def _is_local(path: str) -> bool:
   # A path that names a place on disk (even a missing one) is never sent to the hub.
-  return (os.path.exists(path) or path.startswith(('.', '/', '~')) or os.sep + os.sep in path
-          or path.count('/') > 1 or (os.altsep is not None and os.altsep in path))
+  return (os.path.exists(path) or path.startswith(('.', '/', '~')) or path.count('/') > 1
+          or (os.altsep is not None and os.altsep in path))
 
 
 def _hub_files(repo_id: str, revision: str | None, cache_dir: str | None) -> tuple[str, str]:
