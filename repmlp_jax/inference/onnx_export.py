@@ -11,7 +11,9 @@ operators, so the exported graph is the computation JAX runs, not a re-implement
 Needs the `onnx` extra: pip install 'repmlp-jax[onnx]'.
 """
 
+import contextlib
 import json
+import logging
 import os
 from typing import Any
 
@@ -34,6 +36,19 @@ _PROTOBUF_LIMIT = 2**31 - 1  # A single-file ONNX model is one protobuf message.
 def _missing(what: str, error: ImportError) -> ImportError:
   return ImportError(f'{what} needs {error.name or "a package"}, an optional dependency of '
                      f'repmlp-jax: {ONNX_EXTRA}.')
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+  # onnx_ir warns once per shape value whose type jax2onnx leaves unset (hundreds for B224) and
+  # leaves out only that optional type annotation; runtimes infer it.
+  logger = logging.getLogger(logger_name)
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
 
 
 def to_onnx(model: nn.Module, variables: Any, *, image_size: int | None = None,
@@ -62,10 +77,12 @@ def to_onnx(model: nn.Module, variables: Any, *, image_size: int | None = None,
   def logits(images):
     return model.apply(variables, images, train=False).astype(jnp.float32)
 
-  proto = jax2onnx.to_onnx(
-      logits, [('batch', size, size, 3)],  # With inputs_as_nchw, the file transposes NCHW.
-      model_name=config['architecture'] or type(model).__name__, opset=opset,
-      inputs_as_nchw=[0] if nchw else None, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
+  with _quiet('onnx_ir.serde'):
+    proto = jax2onnx.to_onnx(
+        logits, [('batch', size, size, 3)],  # With inputs_as_nchw, the file transposes NCHW.
+        model_name=config['architecture'] or type(model).__name__, opset=opset,
+        inputs_as_nchw=[0] if nchw else None, input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME])
   config['preprocessing']['layout'] = 'NCHW' if nchw else 'NHWC'
   entry = proto.metadata_props.add()
   entry.key, entry.value = METADATA_KEY, json.dumps(config)
