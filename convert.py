@@ -12,6 +12,11 @@ Examples:
   python convert.py reparam RepMLPNet-B224-train-acc80.32.pth ckpt/b224_deploy
   # Back to PyTorch (training form: the authors' layout; deploy form: their deploy model's):
   python convert.py export ckpt/b224 b224_from_jax.pth
+  # Weights in the Hugging Face hub layout (model.safetensors + config.json), from_pretrained's:
+  python convert.py import RepMLPNet-B224-train-acc80.32.pth hub/b224 --format safetensors
+  python convert.py export ckpt/b224 hub/b224 --format safetensors
+  # ONNX of the deploy form (dynamic batch), checked against JAX with onnxruntime:
+  python convert.py onnx ckpt/b224 b224.onnx --check
 """
 
 import argparse
@@ -36,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help='also write the deploy form to DEPLOY_DIR')
   imp.add_argument('--ema', action='store_true', help="use the checkpoint's EMA weights")
   imp.add_argument('--overwrite', action='store_true', help='replace existing output directories')
+  imp.add_argument('--format', choices=('orbax', 'safetensors'), default='orbax',
+                   help='orbax checkpoint (default) or hub directory (model.safetensors + '
+                   'config.json)')
+  imp.add_argument('--crop-ratio', type=float, default=1.0,
+                   help="evaluation crop ratio for a hub directory's config.json (default 1.0)")
 
   rep = commands.add_parser('reparam', help='training form -> deploy-form orbax checkpoint.')
   rep.add_argument('src', help='an orbax checkpoint directory of this package, or a .pth file')
@@ -49,6 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
   exp.add_argument('out_file', help='the .pth file to create (never overwritten)')
   exp.add_argument('--layout', choices=('official', 'mmpretrain'), default='official',
                    help="key names: the authors' (default) or mmpretrain's")
+  exp.add_argument('--format', choices=('pth', 'safetensors'), default='pth',
+                   help='PyTorch .pth (default) or hub directory (model.safetensors + config.json)')
+  exp.add_argument('--crop-ratio', type=float, default=1.0,
+                   help="evaluation crop ratio for a hub directory's config.json (default 1.0)")
+
+  onx = commands.add_parser('onnx', help='any checkpoint -> ONNX file of the deploy form.')
+  onx.add_argument('src', help='orbax or hub directory of this package, or a .pth / .safetensors')
+  onx.add_argument('out_file', help='the .onnx file to create (never overwritten)')
+  onx.add_argument('--model', help='variant of a PyTorch file (default: detected)')
+  onx.add_argument('--ema', action='store_true', help="use a PyTorch file's EMA weights")
+  onx.add_argument('--nchw', action='store_true', help='take (N, 3, H, W) images, not (N, H, W, 3)')
+  onx.add_argument('--image-size', type=int, help='input side (default: the training resolution)')
+  onx.add_argument('--check', action='store_true',
+                   help='compare onnxruntime with JAX at batch 1 and 3')
   return parser
 
 
@@ -68,10 +92,17 @@ def run(args: argparse.Namespace) -> list[str]:
   if args.command == 'import':
     return convert_lib.import_checkpoint(
         args.src, args.out_dir, name=args.model, deploy=args.deploy, use_ema=args.ema,
-        reparam_dir=args.reparam, overwrite=args.overwrite)
+        reparam_dir=args.reparam, overwrite=args.overwrite, format=args.format,
+        crop_ratio=args.crop_ratio)
   elif args.command == 'reparam':
     return convert_lib.reparam_checkpoint(args.src, args.out_dir, name=args.model,
                                           use_ema=args.ema, overwrite=args.overwrite)
+  elif args.command == 'onnx':
+    return convert_lib.onnx_checkpoint(args.src, args.out_file, name=args.model, use_ema=args.ema,
+                                       nchw=args.nchw, image_size=args.image_size,
+                                       check=args.check)
+  if args.format == 'safetensors':
+    return convert_lib.export_pretrained(args.src_dir, args.out_file, crop_ratio=args.crop_ratio)
   return convert_lib.export_checkpoint(args.src_dir, args.out_file, layout=args.layout)
 
 

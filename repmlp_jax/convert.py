@@ -9,6 +9,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from repmlp_jax import hub
 from repmlp_jax import model_io
 from repmlp_jax.reparameterize import deploy as reparameterize
 from repmlp_jax.pytorch import exporter as torch_export
@@ -33,8 +34,9 @@ def _form(model: nn.Module) -> str:
 def import_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
                       name: str | None = None, deploy: bool = False, use_ema: bool = False,
                       reparam_dir: str | os.PathLike | None = None,
-                      overwrite: bool = False) -> list[str]:
-  """PyTorch checkpoint -> orbax checkpoint(s) of the Flax model.
+                      overwrite: bool = False, format: str = 'orbax',  # pylint: disable=redefined-builtin
+                      crop_ratio: float = 1.0) -> list[str]:
+  """PyTorch checkpoint -> orbax checkpoint(s) or hub directories of the Flax model.
 
   Args:
     src: the .pth file (official or mmpretrain; training or deploy form).
@@ -43,10 +45,13 @@ def import_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
     deploy: write the deploy form to `out_dir` (re-parameterizing a training-form file).
     use_ema: take the file's EMA weights.
     reparam_dir: also write the deploy form there (training-form files).
-    overwrite: replace existing output directories.
+    overwrite: replace existing output directories (orbax only).
+    format: 'orbax' (a checkpoint directory) or 'safetensors' (model.safetensors + config.json).
+    crop_ratio: the evaluation crop ratio recorded in a safetensors directory's config.json.
   Returns:
     Lines describing what was read and written.
   """
+  _check_format(format, overwrite)
   if deploy and reparam_dir is not None:
     raise ValueError('--deploy writes the deploy form to OUT_DIR; --reparam DEPLOY_DIR writes it '
                      'next to the training form. Use one of them.')
@@ -58,18 +63,21 @@ def import_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
     raise ValueError('The file already holds the deploy form; drop --reparam (the import '
                      'output is the deploy form).')
   lines = result.describe().splitlines()
-  model_io.save_model(out_dir, result.model, result.variables, overwrite=overwrite)
+  _save(out_dir, result.model, result.variables, format, overwrite, crop_ratio)
   lines.append(f'wrote {_form(result.model)} form: {out_dir}')
   if reparam_dir is not None:
     deploy_model, deploy_variables = reparameterize.reparam(result.model, result.variables)
-    model_io.save_model(reparam_dir, deploy_model, deploy_variables, overwrite=overwrite)
+    _save(reparam_dir, deploy_model, deploy_variables, format, overwrite, crop_ratio)
     lines.append(f'wrote deploy form: {reparam_dir}')
   return lines
 
 
 def _load_any(src: str | os.PathLike, name: str | None, use_ema: bool) -> tuple[nn.Module, Any,
                                                                                 list[str]]:
-  """An orbax checkpoint directory (ours) or a PyTorch file."""
+  """An orbax checkpoint directory (ours), a hub directory or a PyTorch file."""
+  if os.path.isfile(os.path.join(src, hub.CONFIG_NAME)):
+    model, variables = hub.from_pretrained(src)
+    return model, variables, [f'read {_form(model)} form: {os.path.abspath(src)}']
   if os.path.isdir(src):
     model, variables = model_io.load_model(src)
     return model, variables, [f'read {_form(model)} form: {os.path.abspath(src)}']
@@ -121,3 +129,70 @@ def export_checkpoint(src_dir: str | os.PathLike, out_file: str | os.PathLike, *
     what += ' in deploy form'
   return [f'read {_form(model)} form: {os.path.abspath(src_dir)}',
           f'wrote {layout} state_dict: {out_file} (loads into {what})']
+
+
+FORMATS = ('orbax', 'safetensors')
+
+
+def _check_format(fmt: str, overwrite: bool) -> None:
+  if fmt not in FORMATS:
+    raise ValueError(f'Unknown format {fmt!r}; choose one of {FORMATS}.')
+  if fmt == 'safetensors' and overwrite:
+    raise ValueError('--overwrite applies to orbax checkpoints only; safetensors directories are '
+                     'never replaced: choose a new output directory.')
+
+
+def _save(path: str, model: nn.Module, variables: Any, fmt: str, overwrite: bool,
+          crop_ratio: float) -> None:
+  if fmt == 'safetensors':
+    hub.save_pretrained(path, model, variables, crop_ratio=crop_ratio)
+  else:
+    model_io.save_model(path, model, variables, overwrite=overwrite)
+
+
+def export_pretrained(src: str | os.PathLike, out_dir: str | os.PathLike, *,
+                      crop_ratio: float = 1.0) -> list[str]:
+  """A checkpoint of this package (or a PyTorch file) -> hub directory (safetensors + config).
+
+  Args:
+    src: an orbax checkpoint directory, a hub directory or a .pth / .safetensors file.
+    out_dir: the directory to create (never replaced).
+    crop_ratio: the evaluation crop ratio recorded in config.json.
+  Returns:
+    Lines describing what was read and written.
+  """
+  out_dir = _check_new_output(out_dir)
+  model, variables, lines = _load_any(src, None, False)
+  hub.save_pretrained(out_dir, model, variables, crop_ratio=crop_ratio)
+  return lines + [f'wrote {_form(model)} form: {out_dir} ({hub.WEIGHTS_NAME}, {hub.CONFIG_NAME})']
+
+
+def onnx_checkpoint(src: str | os.PathLike, out_file: str | os.PathLike, *,
+                    name: str | None = None, use_ema: bool = False, nchw: bool = False,
+                    image_size: int | None = None, check: bool = False) -> list[str]:
+  """Any checkpoint this package reads -> ONNX file of the deploy form (dynamic batch).
+
+  Args:
+    src: an orbax checkpoint directory, a hub directory or a .pth / .safetensors file.
+    out_file: the .onnx file to create (never overwritten).
+    name: the variant of a PyTorch file; None detects it.
+    use_ema: take a PyTorch file's EMA weights.
+    nchw: (N, 3, H, W) inputs instead of (N, H, W, 3).
+    image_size: the input side (default: the model's training resolution).
+    check: run the file with onnxruntime at batch 1 and 3 and report its agreement with JAX.
+  Returns:
+    Lines describing what was read and written.
+  """
+  from repmlp_jax.inference import onnx_export  # pylint: disable=g-import-not-at-top
+  out_file = _check_new_output(out_file)
+  model, variables, lines = _load_any(src, name, use_ema)
+  if not model.deploy:
+    model, variables = reparameterize.reparam(model, variables)
+    lines.append('converted to the deploy form (reparam)')
+  onnx_export.export_onnx(model, variables, out_file, image_size=image_size, nchw=nchw)
+  lines.append(f'wrote ONNX ({"NCHW" if nchw else "NHWC"} float32 images -> logits, dynamic '
+               f'batch): {out_file}')
+  if check:
+    error = onnx_export.check_onnx(out_file, model, variables, image_size=image_size, nchw=nchw)
+    lines.append(f'onnxruntime vs JAX at batch 1 and 3: max relative difference {error:.2g}')
+  return lines

@@ -121,7 +121,8 @@ class PureMLPNet(nn.Module):
     features = {}
     for s, (c, depth) in enumerate(zip(self.channels, self.depths)):
       if s > 0:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        # By keyword: ONNX export (jax2onnx) replaces nn.max_pool with a keyword-only version.
+        x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
       last = self.channels[s + 1] if s + 1 < len(self.channels) else c
       for i in range(depth):
         unit = PureMLPUnit(last if i == depth - 1 else c, self.image_size // 2**s, self.h, self.w,

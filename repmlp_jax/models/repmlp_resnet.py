@@ -204,7 +204,10 @@ class RepMLPResNet(nn.Module):
     x = x.astype(self.dtype)
     x = layers.ConvBN(self.stem_channels, 7, strides=2, padding=3, deploy=self.deploy,
                       dtype=self.dtype, precision=self.precision, name='stage0_0')(x, train=train)
-    x = nn.max_pool(nn.relu(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    # Padded with -inf, then a VALID pool: the same maximum as padding=1 in nn.max_pool, in a form
+    # ONNX export (jax2onnx, which swaps in its own nn.max_pool) translates; it drops explicit pads.
+    x = jnp.pad(nn.relu(x), ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding='VALID')
     features = {}
     for spec in block_specs(self):
       if spec.kind == 'base':

@@ -11,6 +11,10 @@ the call happens. Both torch serialization
 formats are handled: the zip format (torch >= 1.6) and the legacy one
 (`_use_new_zipfile_serialization=False`, older mmpretrain / mmcls files).
 
+`.safetensors` files (a state_dict saved with `safetensors.torch.save_file`, the way the hub
+shares weights) are recognized by their header, whatever their name, and read without torch:
+they hold raw arrays and nothing to execute (needs the `hub` extra).
+
 Unwrapping: a raw state_dict, {'model': ...} (the authors' training checkpoints), {'state_dict':
 ...} (mmpretrain / mmengine), EMA weights ({'model_ema'}, {'ema'}, ... only when asked), and a
 `module.` prefix (DistributedDataParallel). Key renaming between layouts belongs to each model
@@ -28,6 +32,8 @@ import zipfile
 from typing import Any, Mapping
 
 import numpy as np
+
+from repmlp_jax import hub
 
 # Keys holding the model's weights in checkpoints that wrap them, in order of preference.
 MODEL_KEYS = ('model', 'state_dict', 'module', 'net', 'network')
@@ -50,7 +56,7 @@ class TorchFile:
   """What was read from a checkpoint and where in it the weights were found."""
   state_dict: dict[str, np.ndarray]  # Flat name -> array, wrapper keys and prefixes removed.
   source: str  # The file, or '<state_dict>' for an in-memory dict.
-  format: str  # 'zip', 'legacy' or 'in-memory'.
+  format: str  # 'zip', 'legacy', 'safetensors' or 'in-memory'.
   entry: str  # Where the weights were: 'top level', "'model'", "'model_ema'", ...
   stripped_prefix: str  # '' or 'module.'.
   other_entries: tuple[str, ...]  # The checkpoint's other top-level keys (optimizer, config...).
@@ -128,11 +134,18 @@ def _numpy_globals() -> dict[str, Any]:
   return table
 
 
+def _is_safetensors(head: bytes) -> bool:
+  # A safetensors file opens with its JSON header's length (little-endian uint64), then '{'.
+  return len(head) > 8 and 2 <= int.from_bytes(head[:8], 'little') < 2**30 and head[8:9] == b'{'
+
+
 def _file_format(path: str) -> str:
   with open(path, 'rb') as f:
     head = f.read(len(_LEGACY_HEADER))
   if not head:
     raise CheckpointFileError(f'{path} is empty; it is not a PyTorch checkpoint.')
+  if _is_safetensors(head):
+    return 'safetensors'
   if head.startswith(b'PK'):
     if not zipfile.is_zipfile(path):
       raise CheckpointFileError(f'{path} looks like a torch.save zip file but its archive is '
@@ -141,8 +154,9 @@ def _file_format(path: str) -> str:
   if head == _LEGACY_HEADER:
     return 'legacy'
   raise CheckpointFileError(
-      f'{path} is not a PyTorch checkpoint (neither the torch.save zip format nor the legacy '
-      'format). Expected a .pth / .pt file written by torch.save.')
+      f'{path} is not a PyTorch checkpoint (neither the torch.save zip format, the legacy '
+      'format nor safetensors). Expected a .pth / .pt file written by torch.save, or a '
+      '.safetensors file.')
 
 
 def _pickle_globals(stream) -> set[str]:
@@ -198,6 +212,9 @@ def load_file(path: str | os.PathLike) -> tuple[Any, str]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f'No checkpoint file at {path}.')
   fmt = _file_format(path)
+  if fmt == 'safetensors':
+    raise CheckpointFileError(f'{path} is a safetensors file, not a torch.save pickle; read it '
+                              'with read_torch_checkpoint (or repmlp_jax.load_torch).')
   names = _globals_in_file(path, fmt)
   # torch's own allow-list (tensor rebuild functions, OrderedDict, dtypes...) takes precedence;
   # numpy's data rebuilders are allowed; every other name becomes an inert stand-in.
@@ -294,16 +311,44 @@ def strip_prefix(sd: Mapping[str, Any], prefix: str = 'module.') -> tuple[dict[s
   return dict(sd), ''
 
 
+def read_safetensors_state_dict(path: str, *, use_ema: bool = False) -> TorchFile:
+  """Reads a state_dict saved as .safetensors (flat names, no wrappers) without torch.
+
+  Args:
+    path: the .safetensors file.
+    use_ema: refused: such a file holds one state_dict, with no EMA entries beside it.
+  Returns:
+    TorchFile: the arrays (a `module.` prefix removed) and where they came from.
+  """
+  if use_ema:
+    raise CheckpointFileError(f'EMA weights were requested but {path} is a safetensors file, '
+                              'which holds a single state_dict (no EMA entries); drop --ema / '
+                              'use_ema.')
+  try:
+    arrays, _ = hub.read_safetensors(path)
+  except hub.PretrainedError as e:
+    raise CheckpointFileError(str(e)) from e
+  if not arrays:
+    raise CheckpointFileError(f'{path} holds no tensors; expected a state_dict.')
+  sd, prefix = strip_prefix(arrays)
+  return TorchFile(sd, path, 'safetensors', 'top level', prefix, (), ())
+
+
 def read_torch_checkpoint(path_or_state_dict: Any, *, use_ema: bool = False) -> TorchFile:
   """Reads a checkpoint file (or an in-memory state_dict) into a flat numpy state_dict.
 
   Args:
-    path_or_state_dict: a .pth / .pt path, or a mapping (a state_dict or a checkpoint dict).
+    path_or_state_dict: a .pth / .pt / .safetensors path, or a mapping (a state_dict or a
+      checkpoint dict).
     use_ema: take the EMA weights instead of the model's.
   Returns:
     TorchFile: the arrays (keys as stored, minus wrappers and a `module.` prefix) and where they
     came from.
   """
+  if (not isinstance(path_or_state_dict, Mapping)
+      and os.path.isfile(os.fspath(path_or_state_dict))
+      and _file_format(os.fspath(path_or_state_dict)) == 'safetensors'):
+    return read_safetensors_state_dict(os.fspath(path_or_state_dict), use_ema=use_ema)
   torch = require_torch()
   if isinstance(path_or_state_dict, Mapping):
     obj, source, fmt = path_or_state_dict, '<state_dict>', 'in-memory'

@@ -151,11 +151,12 @@ def load_torch(path_or_state_dict: Any, name: str | None = None, *, deploy: bool
 
   Accepts the authors' files (raw state_dict; {'model': ...} training checkpoints, whose pickled
   yacs config is read as inert data; EMA entries; `module.` prefixes) and mmpretrain's
-  ({'state_dict', 'meta'} or raw, zip or legacy serialization), in training or deploy form. Files
-  are read without executing code from them.
+  ({'state_dict', 'meta'} or raw, zip or legacy serialization), in training or deploy form, and
+  either state_dict saved as .safetensors. Files are read without executing code from them.
 
   Args:
-    path_or_state_dict: a .pth / .pt file, or a state_dict (torch tensors or numpy arrays).
+    path_or_state_dict: a .pth / .pt / .safetensors file, or a state_dict (torch tensors or
+      numpy arrays).
     name: the variant (e.g. 'RepMLPNet-B224' or 'b224'); None detects it from the tensor shapes.
     deploy: None keeps the file's form; True gives the deploy form (re-parameterizing a
       training-form file); False requires a training-form file.
@@ -167,7 +168,8 @@ def load_torch(path_or_state_dict: Any, name: str | None = None, *, deploy: bool
     mapping.KeyMismatchError: every missing, unexpected and mis-shaped key.
     mapping.DetectionError: the model cannot be detected (pass `name`).
     ValueError: the named model's family has no PyTorch checkpoints.
-    ImportError: PyTorch is not installed (`pip install 'repmlp-jax[torch]'`).
+    ImportError: PyTorch is not installed (`pip install 'repmlp-jax[torch]'`; .safetensors files
+      need safetensors instead: `pip install 'repmlp-jax[hub]'`).
   """
   result = import_torch(path_or_state_dict, name, deploy=deploy, use_ema=use_ema)
   return result.model, result.variables
