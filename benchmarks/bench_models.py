@@ -492,8 +492,8 @@ def format_table(results: dict[str, Any]) -> str:
       ratio = f"{r['images_per_s'] / same[0]['images_per_s']:.2f}" if same else ''
     lines.append(
         f"| {r['model']} | {r['batch']} | {r['what']} | {r['framework']} | {r['precision']} | "
-        f"{r['images_per_s']:.2f} | {r['ms_per_call']:.2f} | {r['macs_per_image'] / 1e9:.3f} | "
-        f"{100 * r['mfu']:.1f}% | {r['mfu_matmul_tflops']:.3f} | {_fmt(r['compile_s'], '.1f')} | "
+        f"{r['images_per_s']:.2f} | {r['ms_per_call']:.2f} | {r['macs_per_image'] / 1e9:.4g} | "
+        f"{100 * r['mfu']:.1f}% | {r['mfu_matmul_tflops']:.4g} | {_fmt(r['compile_s'], '.1f')} | "
         f"{_fmt(r['xla_mib'], '.0f')} | {_fmt(r['peak_mib'], '.0f')} | {ratio} |")
   return '\n'.join(lines)
 
