@@ -258,7 +258,7 @@ class RepMLPNetUnit(nn.Module):
     # In eval mode a BatchNorm is a per-channel affine map, which commutes with the spatial mean:
     # the Global Perceptron pools x itself, so prebn1(x) is never written out whole (XLA fuses it
     # into the partition copy).
-    pooled = None if train else prebn1(jnp.mean(x, axis=(1, 2), keepdims=True))[:, 0, 0, :]
+    pooled = None if train else prebn1(jnp.mean(x, axis=(1, 2)))
     x = x + RepMLPBlock(self.channels, self.h, self.w, self.sharesets, self.reparam_conv_k,
                         self.gp_hidden, deploy=self.deploy, dtype=self.dtype,
                         precision=self.precision, name='repmlp_block')(y, train=train,
