@@ -29,7 +29,6 @@ peak so far; PyTorch: reset per case) and the peak growth of resident memory on 
 """
 
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -48,21 +47,14 @@ import optax
 
 import repmlp_jax
 from benchmarks import macs as macs_lib
+from benchmarks import torch_cases
 from repmlp_jax.models import factory as models
 from repmlp_jax.reparameterize import deploy as reparameterize
 
-WHATS = ('train_fwd', 'deploy_fwd', 'train_step')
+WHATS = torch_cases.WHATS
 FRAMEWORKS = ('jax', 'torch')
 PRECISIONS = {'jax': ('float32', 'bfloat16'), 'torch': ('float32', 'tf32', 'bfloat16')}
 JAX_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
-
-def _torch():
-  try:
-    import torch
-  except ImportError:  # PyTorch is optional: JAX figures only.
-    return None
-  return torch
 
 
 def _rss_bytes() -> int:
@@ -216,96 +208,12 @@ class JaxCase:
     self.fns['train_step'] = run_step
 
 
-def torch_matmul(size: int, precision: str, device: str) -> tuple[Callable[[], Any], float]:
-  """A (size x size) torch matmul in `precision` on `device` ('cpu' or 'cuda'); its FLOPs."""
-  torch = _torch()
-  dtype = torch.bfloat16 if precision == 'bfloat16' else torch.float32
-  a = torch.randn(size, size, device=device).to(dtype)
-  b = torch.randn(size, size, device=device).to(dtype)
-
-  def run():
-    with torch_precision(precision, device):
-      torch.matmul(a, b)
-    _torch_sync(device)
-
-  return run, 2.0 * size**3
-
-
-@contextlib.contextmanager
-def torch_precision(precision: str, device: str):
-  """TF32 on or off (CUDA matmuls and convolutions), bfloat16 autocast for 'bfloat16'."""
-  torch = _torch()
-  if device == 'cuda':
-    torch.backends.cuda.matmul.allow_tf32 = precision == 'tf32'
-    torch.backends.cudnn.allow_tf32 = precision == 'tf32'
-  if precision == 'bfloat16':
-    with torch.autocast(device, dtype=torch.bfloat16):
-      yield
-  else:
-    yield
-
-
-def _torch_sync(device: str) -> None:
-  if device == 'cuda':
-    _torch().cuda.synchronize()
-
-
-class TorchCase:
-  """The authors' PyTorch model of one variant, batch size and precision, on CPU or CUDA."""
-
-  def __init__(self, name: str, batch: int, precision: str = 'float32', device: str = 'cpu',
-               whats: Sequence[str] = WHATS):
-    torch = _torch()
-    from tests import torch_reference  # Needs the repository root on sys.path.
-    settings = models.MODELS[models.resolve_name(name)][1]
-    size = settings['image_size']
-
-    def build():
-      return torch_reference.create_repmlpnet_custom(
-          settings['channels'], settings['depths'], settings['partitions'],
-          settings['sharesets']).to(device)
-
-    x = torch.randn(batch, 3, size, size, device=device)
-    labels = torch.arange(batch, device=device) % 1000
-    self.stats: dict[str, float] = {}
-    self.fns: dict[str, Callable[[], Any]] = {}
-    sync = functools.partial(_torch_sync, device)
-
-    def infer(m):
-      with torch.inference_mode(), torch_precision(precision, device):
-        m(x)
-      sync()
-
-    if {'train_fwd', 'deploy_fwd'} & set(whats):
-      model = build().eval()
-    if 'train_fwd' in whats:
-      self.fns['train_fwd'] = lambda: infer(model)
-    if 'deploy_fwd' in whats:
-      start = time.perf_counter()
-      deploy = model.to_deploy().eval()
-      self.stats['reparam_s'] = time.perf_counter() - start
-      self.fns['deploy_fwd'] = lambda: infer(deploy)
-    if 'train_step' in whats:
-      train_model = build().train()
-      opt = torch.optim.AdamW(train_model.parameters(), lr=1e-3, weight_decay=0.05)
-
-      def run_step():
-        opt.zero_grad(set_to_none=True)
-        with torch_precision(precision, device):
-          loss = torch.nn.functional.cross_entropy(train_model(x).float(), labels)
-        loss.backward()
-        opt.step()
-        sync()
-
-      self.fns['train_step'] = run_step
-
-
 def _peak_memory(framework: str, device: str, fn: Callable[[], Any]) -> float:
   """Peak memory (MiB) around one call of fn: device memory on GPU, RSS growth on CPU."""
   if device == 'cpu':
     return peak_rss_growth(fn)
   if framework == 'torch':
-    torch = _torch()
+    torch = torch_cases.torch_or_none()
     torch.cuda.reset_peak_memory_stats()
     fn()
     return torch.cuda.max_memory_allocated() / 2**20
@@ -317,7 +225,7 @@ def _peak_memory(framework: str, device: str, fn: Callable[[], Any]) -> float:
 def device_name(framework: str, device: str) -> str:
   """The device a framework runs on, in words (initializes that framework's backend)."""
   if framework == 'torch':
-    torch = _torch()
+    torch = torch_cases.torch_or_none()
     return torch.cuda.get_device_name() if device == 'gpu' else f'cpu ({torch.get_num_threads()} threads)'
   d = jax.devices()[0]
   return f'{d.platform}: {d.device_kind}'
@@ -356,12 +264,12 @@ def measure_isolated(framework: str, plan, precisions, *, device: str, repeats: 
     if framework == 'jax':
       matmul, matmul_flops = jax_matmul(matmul_size, precision)
     else:
-      matmul, matmul_flops = torch_matmul(matmul_size, precision, torch_device)
+      matmul, matmul_flops = torch_cases.torch_matmul(matmul_size, precision, torch_device)
     for name, batch, whats in plan:
       print(f'{framework} {precision} {name} batch {batch}: {", ".join(whats)}', file=sys.stderr,
             flush=True)  # Progress, and where a slow compile is.
       case = (JaxCase(name, batch, precision, whats) if framework == 'jax' else
-              TorchCase(name, batch, precision, torch_device, whats))
+              torch_cases.TorchCase(name, batch, precision, torch_device, whats))
       seconds = time_round_robin({'matmul': matmul, **case.fns}, repeats, warmup)
       rate = matmul_flops / seconds.pop('matmul')
       peaks = {k: _peak_memory(framework, device, f) for k, f in case.fns.items()}
@@ -373,14 +281,14 @@ def measure_isolated(framework: str, plan, precisions, *, device: str, repeats: 
 def measure_round_robin(model_names, batch_sizes, *, with_torch: bool, repeats: int,
                         warmup: int, matmul_size: int) -> list[dict[str, Any]]:
   """CPU, float32: JAX, PyTorch and the matmul interleaved in one process, per case."""
-  torch = _torch() if with_torch else None
+  torch = torch_cases.torch_or_none() if with_torch else None
   matmul, matmul_flops = jax_matmul(matmul_size, 'float32')
   rows = []
   for name in model_names:
     for batch in batch_sizes:
       cases = {'jax': JaxCase(name, batch)}
       if torch is not None:
-        cases['torch'] = TorchCase(name, batch)
+        cases['torch'] = torch_cases.TorchCase(name, batch)
       fns = {'matmul': matmul, **{f'{fw}/{k}': f for fw, c in cases.items()
                                   for k, f in c.fns.items()}}
       seconds = time_round_robin(fns, repeats, warmup)
@@ -418,7 +326,7 @@ def _worker(spec_json: str) -> int:
   if spec['device'] == 'cpu':
     jax.config.update('jax_platforms', 'cpu')
     if spec['framework'] == 'torch':
-      _torch().set_num_threads(_cpu_threads())
+      torch_cases.torch_or_none().set_num_threads(_cpu_threads())
   plan = [(name, batch, tuple(whats)) for name, batch, whats in spec['plan']]
   rows = measure_isolated(spec['framework'], plan, spec['precisions'], device=spec['device'],
                           repeats=spec['repeats'], warmup=spec['warmup'],
@@ -434,7 +342,7 @@ def _cpu_threads() -> int:
 
 def environment(device: str) -> dict[str, Any]:
   """What the figures were measured on (without starting a GPU backend in this process)."""
-  torch = _torch()
+  torch = torch_cases.torch_or_none()
   return {'device': device, 'cpu_threads': _cpu_threads(), 'jax': jax.__version__,
           'torch': torch.__version__ if torch else None}
 
@@ -453,7 +361,7 @@ def run(model_names, batch_sizes, *, device: str = 'cpu', precisions=('float32',
   Returns:
     {'environment': ..., 'rows': [one dict per framework, model, batch, precision, what]}.
   """
-  torch = _torch() if with_torch else None
+  torch = torch_cases.torch_or_none() if with_torch else None
   if device == 'cpu':
     if torch is not None:
       torch.set_num_threads(_cpu_threads())  # As many as XLA uses.
