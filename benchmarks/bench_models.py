@@ -1,22 +1,31 @@
-"""Speed of RepMLPNet in JAX (and of the PyTorch reference, same run): inference and training.
+"""Speed of RepMLPNet in JAX and of the authors' PyTorch code: inference and training, CPU or GPU.
 
-    python -m benchmarks.bench_models                          # B224, batch 1 and 8
+    python -m benchmarks.bench_models                          # CPU: B224, batch 1 and 8
     python -m benchmarks.bench_models --models b224 t224 --batch-sizes 8 --repeats 7 --json out.json
+    python -m benchmarks.bench_models --device gpu --batch-sizes 256 --precisions float32 bfloat16
 
 For each variant and batch size: images/s of (a) training-form inference, (b) deploy-form
 inference, (c) one full training step (forward, backward, AdamW update, train-mode BatchNorm);
-compile time (JAX: lower + compile), reparam time (after compilation) and memory. When torch is
-installed, the same for `tests/torch_reference.py` (training form, the official deploy form,
-AdamW step) with torch.set_num_threads equal to the cores JAX uses, and the JAX/PyTorch ratios.
-Also the machine's float32 matmul rate (a large jnp.dot) and the deploy model's FLOPs (XLA cost
-analysis) per second as a fraction of it.
+compile time (JAX: lower + compile), memory, the multiply-accumulates per image counted from the
+layer shapes (`benchmarks.macs`) and the MFU: the model's FLOP rate (2 x MACs per image; a
+training step counts 3 forwards) over the rate of a large matmul of the same dtype, timed in
+the same run. The PyTorch reference is `tests/torch_reference.py` (the authors' model: training
+form, the official deploy form from `.to_deploy()`, an AdamW step).
 
-Timing: every measured function is warmed up, then the repeats run round-robin over all of
-them (JAX and PyTorch interleaved), so load from other processes hits every candidate alike;
-figures are medians, each call ends with block_until_ready (JAX) or a finished CPU op (PyTorch).
-Memory: "xla MiB" is XLA's memory analysis of the compiled program (temporaries + arguments +
-outputs); "rss MiB" is the peak growth of the process's resident memory during one call
-(sampled every 2 ms), for both frameworks.
+Precisions: 'float32' (JAX at the backend's default matmul precision, which is TF32 on recent
+NVIDIA GPUs; PyTorch strict float32), 'tf32' (PyTorch with TF32 matmuls and convolutions; JAX
+has no separate mode) and 'bfloat16' (JAX computing in bfloat16 with float32 parameters;
+PyTorch under bfloat16 autocast).
+
+CPU (default): every timed function, the matmul, JAX and PyTorch, is warmed up, then the repeats
+run round-robin, so that load from other processes falls on every candidate alike. GPU: each
+framework runs in its own process (`--framework` picks one; without it the two are started one
+after the other and their figures merged), so neither framework's allocator or threads disturb
+the other; within a process the repeats still run round-robin with that framework's matmul.
+Figures are medians; every JAX call ends with block_until_ready, every CUDA call with a
+synchronize. Memory: `xla_mib` is XLA's memory analysis of the compiled program (temporaries +
+arguments + outputs - aliased); `peak_mib` is the peak device memory on GPU (JAX: the process's
+peak so far; PyTorch: reset per case) and the peak growth of resident memory on CPU.
 """
 
 import argparse
@@ -24,10 +33,12 @@ import functools
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,13 +46,15 @@ import numpy as np
 import optax
 
 import repmlp_jax
+from benchmarks import macs as macs_lib
+from benchmarks import torch_cases
 from repmlp_jax.models import factory as models
 from repmlp_jax.reparameterize import deploy as reparameterize
 
-try:
-  import torch
-except ImportError:  # PyTorch is optional: JAX figures only.
-  torch = None
+WHATS = torch_cases.WHATS
+FRAMEWORKS = ('jax', 'torch')
+PRECISIONS = {'jax': ('float32', 'bfloat16'), 'torch': ('float32', 'tf32', 'bfloat16')}
+JAX_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def _rss_bytes() -> int:
@@ -93,28 +106,58 @@ def xla_memory_mib(compiled) -> float:
   return (total - m.alias_size_in_bytes) / 2**20
 
 
-def matmul_case(size: int) -> tuple[Callable[[], Any], float]:
-  """A (size x size) @ (size x size) float32 jnp.dot on the default device, and its FLOPs."""
-  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+def flops_per_image(name: str, what: str) -> tuple[int, float]:
+  """(MACs, FLOPs) per image of `what`: 2 FLOPs per MAC; a training step counts 3 forwards."""
+  model = repmlp_jax.create_model(name, deploy=what == 'deploy_fwd')
+  macs = macs_lib.macs_per_image(model)
+  return macs, 2.0 * macs * (3 if what == 'train_step' else 1)
+
+
+def random_variables(model, x: jax.Array) -> dict[str, Any]:
+  """Variables for timing, drawn with numpy (jit(model.init) compiles for minutes on CPU).
+
+  Kernels ~ N(0, 1/fan_in) (fan_in: all but the last axis), BatchNorm scales and variances 1,
+  every other vector 0: activations stay of order 1 through the network, as after init.
+  """
+  abstract = jax.eval_shape(model.init, jax.random.key(0), x[:1])
+  rng = np.random.default_rng(0)
+
+  def draw(path, leaf):
+    name = str(getattr(path[-1], 'key', path[-1]))
+    if leaf.ndim >= 2:
+      value = rng.normal(0.0, 1.0, leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+    else:
+      value = np.full(leaf.shape, 1.0 if name in ('scale', 'var') else 0.0)
+    return jnp.asarray(value, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def _cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+
+
+def jax_matmul(size: int, precision: str) -> tuple[Callable[[], Any], float]:
+  """A (size x size) @ (size x size) jnp.dot in `precision` on the default device; its FLOPs."""
+  dtype = JAX_DTYPES[precision]
+  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dtype)
+  b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32).astype(dtype)
   dot = jax.jit(jnp.dot)
   return (lambda: dot(a, b).block_until_ready()), 2.0 * size**3
 
 
-def _cross_entropy(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
 class JaxCase:
-  """Compiled JAX callables of one variant and batch size, with compile/reparam figures."""
+  """Compiled JAX callables of one variant, batch size and precision, with their figures."""
 
-  def __init__(self, name: str, batch: int):
-    model = repmlp_jax.create_model(name)
+  def __init__(self, name: str, batch: int, precision: str = 'float32',
+               whats: Sequence[str] = WHATS):
+    model = repmlp_jax.create_model(name, dtype=JAX_DTYPES[precision])
     size = model.image_size or model.input_multiple
     x = jax.random.normal(jax.random.key(1), (batch, size, size, 3), jnp.float32)
     labels = jnp.arange(batch) % model.num_classes
-    variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+    variables = random_variables(model, x)
     self.stats: dict[str, float] = {}
+    self.fns: dict[str, Callable[[], Any]] = {}
 
     def compile_(what, fn, *args, **jit_kwargs):
       start = time.perf_counter()
@@ -123,19 +166,24 @@ class JaxCase:
       self.stats[f'{what}_xla_mib'] = xla_memory_mib(compiled)
       return compiled
 
-    reparam = compile_('reparam', functools.partial(reparameterize.reparam_variables, model),
-                       variables)
-    deploy_variables = jax.block_until_ready(reparam(variables))
-    start = time.perf_counter()
-    jax.block_until_ready(reparam(variables))
-    self.stats['reparam_s'] = time.perf_counter() - start
-    deploy_model = model.clone(deploy=True)
+    if 'train_fwd' in whats:
+      train_fwd = compile_('train_fwd', lambda v, x: model.apply(v, x, train=False), variables, x)
+      self.fns['train_fwd'] = lambda: train_fwd(variables, x).block_until_ready()
+    if 'deploy_fwd' in whats:
+      reparam = compile_('reparam', functools.partial(reparameterize.reparam_variables, model),
+                         variables)
+      deploy_variables = jax.block_until_ready(reparam(variables))
+      start = time.perf_counter()
+      jax.block_until_ready(reparam(variables))
+      self.stats['reparam_s'] = time.perf_counter() - start
+      deploy_model = model.clone(deploy=True)
+      deploy_fwd = compile_('deploy_fwd', lambda v, x: deploy_model.apply(v, x, train=False),
+                            deploy_variables, x)
+      self.fns['deploy_fwd'] = lambda: deploy_fwd(deploy_variables, x).block_until_ready()
+    if 'train_step' in whats:
+      self._add_train_step(model, variables, x, labels, compile_)
 
-    train_fwd = compile_('train_fwd', lambda v, x: model.apply(v, x, train=False), variables, x)
-    deploy_fwd = compile_('deploy_fwd', lambda v, x: deploy_model.apply(v, x, train=False),
-                          deploy_variables, x)
-    self.deploy_flops = deploy_fwd.cost_analysis()['flops']
-
+  def _add_train_step(self, model, variables, x, labels, compile_) -> None:
     tx = optax.adamw(1e-3, weight_decay=0.05)
     # Own copies: the step donates its state, the inference functions keep `variables`.
     params, batch_stats = jax.tree.map(jnp.copy, (variables['params'], variables['batch_stats']))
@@ -157,114 +205,204 @@ class JaxCase:
     def run_step():
       self._state = jax.block_until_ready(step(self._state, x, labels))
 
-    self.fns = {
-        'train_fwd': lambda: train_fwd(variables, x).block_until_ready(),
-        'deploy_fwd': lambda: deploy_fwd(deploy_variables, x).block_until_ready(),
-        'train_step': run_step,
-    }
+    self.fns['train_step'] = run_step
 
 
-class TorchCase:
-  """The PyTorch reference of one variant and batch size (CPU)."""
-
-  def __init__(self, name: str, batch: int):
-    from tests import torch_reference  # Needs the repository root on sys.path.
-    settings = models.MODELS[models.resolve_name(name)][1]
-    size = settings['image_size']
-    model = torch_reference.create_repmlpnet_custom(
-        settings['channels'], settings['depths'], settings['partitions'], settings['sharesets'])
-    x = torch.randn(batch, 3, size, size)
-    labels = torch.arange(batch) % 1000
-    self.stats: dict[str, float] = {}
-    model.eval()
-    start = time.perf_counter()
-    deploy = model.to_deploy().eval()
-    self.stats['reparam_s'] = time.perf_counter() - start
-    train_model = torch_reference.create_repmlpnet_custom(
-        settings['channels'], settings['depths'], settings['partitions'], settings['sharesets'])
-    train_model.train()
-    opt = torch.optim.AdamW(train_model.parameters(), lr=1e-3, weight_decay=0.05)
-
-    def run_step():
-      opt.zero_grad(set_to_none=True)
-      loss = torch.nn.functional.cross_entropy(train_model(x), labels)
-      loss.backward()
-      opt.step()
-
-    def infer(m):
-      with torch.inference_mode():
-        m(x)
-
-    self.fns = {
-        'train_fwd': lambda: infer(model),
-        'deploy_fwd': lambda: infer(deploy),
-        'train_step': run_step,
-    }
+def _peak_memory(framework: str, device: str, fn: Callable[[], Any]) -> float:
+  """Peak memory (MiB) around one call of fn: device memory on GPU, RSS growth on CPU."""
+  if device == 'cpu':
+    return peak_rss_growth(fn)
+  if framework == 'torch':
+    torch = torch_cases.torch_or_none()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    return torch.cuda.max_memory_allocated() / 2**20
+  fn()
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get('peak_bytes_in_use', float('nan')) / 2**20
 
 
-def run(model_names, batch_sizes, *, repeats: int = 5, warmup: int = 1, with_torch: bool = True,
-        matmul_size: int = 4096) -> dict[str, Any]:
-  """Measures every (model, batch) case; returns the figures as a JSON-able dict."""
-  threads = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-  use_torch = with_torch and torch is not None
-  if use_torch:
-    torch.set_num_threads(threads)
-  results = {'device': str(jax.devices()[0]), 'threads': threads, 'jax': jax.__version__,
-             'torch': torch.__version__ if use_torch else None, 'matmul_size': matmul_size,
-             'cases': []}
-  matmul, matmul_flops = matmul_case(matmul_size)
+def device_name(framework: str, device: str) -> str:
+  """The device a framework runs on, in words (initializes that framework's backend)."""
+  if framework == 'torch':
+    torch = torch_cases.torch_or_none()
+    return torch.cuda.get_device_name() if device == 'gpu' else f'cpu ({torch.get_num_threads()} threads)'
+  d = jax.devices()[0]
+  return f'{d.platform}: {d.device_kind}'
+
+
+def _rows(framework, name, batch, precision, seconds, matmul_rate, stats, peaks, where):
+  """One result row per timed function of a case."""
+  rows = []
+  for what, s in seconds.items():
+    macs, flops = flops_per_image(name, what)
+    rows.append({
+        'framework': framework, 'device_name': where, 'model': models.resolve_name(name),
+        'batch': batch,
+        'precision': precision, 'what': what, 'images_per_s': batch / s,
+        'ms_per_call': 1e3 * s, 'macs_per_image': macs,
+        'mfu': flops * batch / s / matmul_rate, 'mfu_matmul_tflops': matmul_rate / 1e12,
+        'compile_s': stats.get(f'{what}_compile_s'), 'xla_mib': stats.get(f'{what}_xla_mib'),
+        'reparam_s': stats.get('reparam_s') if what == 'deploy_fwd' else None,
+        'peak_mib': peaks.get(what)})
+  return rows
+
+
+def measure_isolated(framework: str, plan, precisions, *, device: str, repeats: int,
+                     warmup: int, matmul_size: int) -> list[dict[str, Any]]:
+  """One framework's rows, each case timed round-robin with that framework's matmul.
+
+  Args:
+    framework: 'jax' or 'torch'.
+    plan: (model name, batch, whats) triples.
+    precisions: which of PRECISIONS[framework] to run.
+    device: 'cpu' or 'gpu'.
+  """
+  torch_device = 'cuda' if device == 'gpu' else 'cpu'
+  where, rows = device_name(framework, device), []
+  for precision in precisions:
+    if framework == 'jax':
+      matmul, matmul_flops = jax_matmul(matmul_size, precision)
+    else:
+      matmul, matmul_flops = torch_cases.torch_matmul(matmul_size, precision, torch_device)
+    for name, batch, whats in plan:
+      print(f'{framework} {precision} {name} batch {batch}: {", ".join(whats)}', file=sys.stderr,
+            flush=True)  # Progress, and where a slow compile is.
+      case = (JaxCase(name, batch, precision, whats) if framework == 'jax' else
+              torch_cases.TorchCase(name, batch, precision, torch_device, whats))
+      seconds = time_round_robin({'matmul': matmul, **case.fns}, repeats, warmup)
+      rate = matmul_flops / seconds.pop('matmul')
+      peaks = {k: _peak_memory(framework, device, f) for k, f in case.fns.items()}
+      rows += _rows(framework, name, batch, precision, seconds, rate, case.stats, peaks, where)
+      del case
+  return rows
+
+
+def measure_round_robin(model_names, batch_sizes, *, with_torch: bool, repeats: int,
+                        warmup: int, matmul_size: int) -> list[dict[str, Any]]:
+  """CPU, float32: JAX, PyTorch and the matmul interleaved in one process, per case."""
+  torch = torch_cases.torch_or_none() if with_torch else None
+  matmul, matmul_flops = jax_matmul(matmul_size, 'float32')
+  rows = []
   for name in model_names:
     for batch in batch_sizes:
-      jax_case = JaxCase(name, batch)
-      # The matmul rate is timed in the same round-robin, under the same load.
-      fns = {'matmul': matmul, **{f'jax_{k}': f for k, f in jax_case.fns.items()}}
-      torch_case = TorchCase(name, batch) if use_torch else None
-      if torch_case:
-        fns.update({f'torch_{k}': f for k, f in torch_case.fns.items()})
+      cases = {'jax': JaxCase(name, batch)}
+      if torch is not None:
+        cases['torch'] = torch_cases.TorchCase(name, batch)
+      fns = {'matmul': matmul, **{f'{fw}/{k}': f for fw, c in cases.items()
+                                  for k, f in c.fns.items()}}
       seconds = time_round_robin(fns, repeats, warmup)
-      # Measured after the timing; the train-step sample includes its optimizer state update.
-      rss = {k: peak_rss_growth(f) for k, f in fns.items() if k != 'matmul'}
-      case = {'model': models.resolve_name(name), 'batch': batch,
-              'images_per_s': {k: batch / s for k, s in seconds.items() if k != 'matmul'},
-              'matmul_gflops': matmul_flops / seconds['matmul'] / 1e9,
-              'rss_mib': rss, 'jax': jax_case.stats,
-              'torch': torch_case.stats if torch_case else None}
-      deploy_rate = jax_case.deploy_flops / seconds['jax_deploy_fwd']
-      case['deploy_gflops'] = deploy_rate / 1e9
-      case['deploy_fraction_of_matmul'] = deploy_rate / (case['matmul_gflops'] * 1e9)
-      case['deploy_over_train_fwd'] = seconds['jax_train_fwd'] / seconds['jax_deploy_fwd']
-      if torch_case:
-        case['jax_over_torch'] = {k: seconds[f'torch_{k}'] / seconds[f'jax_{k}']
-                                  for k in jax_case.fns}
-      results['cases'].append(case)
-  return results
+      rate = matmul_flops / seconds.pop('matmul')
+      for fw, case in cases.items():
+        where = device_name(fw, 'cpu')
+        mine = {k.split('/')[1]: s for k, s in seconds.items() if k.startswith(fw + '/')}
+        peaks = {k: peak_rss_growth(f) for k, f in case.fns.items()}
+        rows += _rows(fw, name, batch, 'float32', mine, rate, case.stats, peaks, where)
+  return rows
+
+
+def run_in_processes(plan, precisions, *, device: str, frameworks=FRAMEWORKS, repeats: int,
+                     warmup: int, matmul_size: int) -> list[dict[str, Any]]:
+  """Each framework's `measure_isolated` in a fresh Python process; their rows merged."""
+  rows = []
+  for framework in frameworks:
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, 'rows.json')
+      spec = {'framework': framework, 'plan': [list(p) for p in plan], 'device': device,
+              'precisions': [p for p in precisions if p in PRECISIONS[framework]],
+              'repeats': repeats, 'warmup': warmup, 'matmul_size': matmul_size, 'out': out}
+      root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+      env = {**os.environ, 'PYTHONPATH': os.pathsep.join(
+          [root] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p])}
+      subprocess.run([sys.executable, '-m', 'benchmarks.bench_models', '--worker',
+                      json.dumps(spec)], check=True, cwd=root, env=env)
+      with open(out) as f:
+        rows += json.load(f)
+  return rows
+
+
+def _worker(spec_json: str) -> int:
+  spec = json.loads(spec_json)
+  if spec['device'] == 'cpu':
+    jax.config.update('jax_platforms', 'cpu')
+    if spec['framework'] == 'torch':
+      torch_cases.torch_or_none().set_num_threads(_cpu_threads())
+  plan = [(name, batch, tuple(whats)) for name, batch, whats in spec['plan']]
+  rows = measure_isolated(spec['framework'], plan, spec['precisions'], device=spec['device'],
+                          repeats=spec['repeats'], warmup=spec['warmup'],
+                          matmul_size=spec['matmul_size'])
+  with open(spec['out'], 'w') as f:
+    json.dump(rows, f)
+  return 0
+
+
+def _cpu_threads() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
+def environment(device: str) -> dict[str, Any]:
+  """What the figures were measured on (without starting a GPU backend in this process)."""
+  torch = torch_cases.torch_or_none()
+  return {'device': device, 'cpu_threads': _cpu_threads(), 'jax': jax.__version__,
+          'torch': torch.__version__ if torch else None}
+
+
+def run(model_names, batch_sizes, *, device: str = 'cpu', precisions=('float32',),
+        with_torch: bool = True, repeats: int = 5, warmup: int = 1,
+        matmul_size: int = 4096) -> dict[str, Any]:
+  """Measures every (model, batch) case; returns the figures as a JSON-able dict.
+
+  Args:
+    model_names, batch_sizes: the cases (every `what` of each).
+    device: 'cpu' (one process, round-robin, float32 only) or 'gpu' (one process per framework,
+      every precision asked for).
+    precisions: for GPU, any of 'float32', 'tf32' (PyTorch only), 'bfloat16'.
+    with_torch: also measure the PyTorch reference (when torch is installed).
+  Returns:
+    {'environment': ..., 'rows': [one dict per framework, model, batch, precision, what]}.
+  """
+  torch = torch_cases.torch_or_none() if with_torch else None
+  if device == 'cpu':
+    if torch is not None:
+      torch.set_num_threads(_cpu_threads())  # As many as XLA uses.
+    if tuple(precisions) != ('float32',):
+      raise ValueError('CPU runs are float32 only; use --device gpu for other precisions.')
+    rows = measure_round_robin(model_names, batch_sizes, with_torch=with_torch, repeats=repeats,
+                               warmup=warmup, matmul_size=matmul_size)
+  else:
+    plan = [(name, batch, WHATS) for name in model_names for batch in batch_sizes]
+    rows = run_in_processes(plan, precisions, device=device, repeats=repeats, warmup=warmup,
+                            matmul_size=matmul_size,
+                            frameworks=FRAMEWORKS if torch is not None else ('jax',))
+  return {'environment': environment(device), 'rows': rows}
+
+
+def _fmt(value, spec: str) -> str:
+  return 'n/a' if value is None else format(value, spec)
 
 
 def format_table(results: dict[str, Any]) -> str:
-  lines = [f"device {results['device']}, {results['threads']} threads, jax {results['jax']}, "
-           f"torch {results['torch']}"]
-  header = (f"{'model':16} {'batch':>5} {'what':12} {'jax img/s':>10} {'torch img/s':>11} "
-            f"{'ratio':>6} {'compile s':>9} {'xla MiB':>8} {'rss MiB jax/torch':>18}")
-  lines += [header, '-' * len(header)]
-  for c in results['cases']:
-    for what in ('train_fwd', 'deploy_fwd', 'train_step'):
-      ips = c['images_per_s']
-      t = ips.get(f'torch_{what}')
-      ratio = c.get('jax_over_torch', {}).get(what)
-      rss_t = c['rss_mib'].get(f'torch_{what}')
-      lines.append(
-          f"{c['model']:16} {c['batch']:5d} {what:12} {ips[f'jax_{what}']:10.2f} "
-          f"{t if t is not None else float('nan'):11.2f} "
-          f"{ratio if ratio is not None else float('nan'):6.2f} "
-          f"{c['jax'][f'{what}_compile_s']:9.1f} {c['jax'][f'{what}_xla_mib']:8.0f} "
-          f"{c['rss_mib'][f'jax_{what}']:8.0f} / {rss_t if rss_t is not None else float('nan'):7.0f}")
-    torch_reparam = c['torch']['reparam_s'] if c['torch'] else float('nan')
+  """A markdown table of the rows, with the JAX / PyTorch ratio where both ran."""
+  env = results['environment']
+  names = sorted({f"{r['framework']}: {r['device_name']}" for r in results['rows']})
+  lines = [f"device {env['device']} ({'; '.join(names)}), {env['cpu_threads']} CPU threads, "
+           f"jax {env['jax']}, torch {env['torch']}", '',
+           '| model | batch | what | framework | precision | img/s | ms/call | GMAC/img | MFU '
+           '| matmul TFLOP/s | compile s | xla MiB | peak MiB | jax/torch |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+  rows = results['rows']
+  for r in rows:
+    ratio = ''
+    if r['framework'] == 'jax':
+      same = [t for t in rows if t['framework'] == 'torch' and
+              (t['model'], t['batch'], t['what'], t['precision']) ==
+              (r['model'], r['batch'], r['what'], r['precision'])]
+      ratio = f"{r['images_per_s'] / same[0]['images_per_s']:.2f}" if same else ''
     lines.append(
-        f"{'':16} {'':5} deploy: {c['deploy_gflops']:.1f} GFLOP/s = "
-        f"{100 * c['deploy_fraction_of_matmul']:.0f}% of the matmul rate "
-        f"({c['matmul_gflops']:.1f} GFLOP/s, {results['matmul_size']}^2 jnp.dot); deploy/train fwd "
-        f"{c['deploy_over_train_fwd']:.2f}x; reparam {c['jax']['reparam_s']:.3f} s "
-        f"(compile {c['jax']['reparam_compile_s']:.1f} s; torch {torch_reparam:.3f} s)")
+        f"| {r['model']} | {r['batch']} | {r['what']} | {r['framework']} | {r['precision']} | "
+        f"{r['images_per_s']:.2f} | {r['ms_per_call']:.2f} | {r['macs_per_image'] / 1e9:.4g} | "
+        f"{100 * r['mfu']:.1f}% | {r['mfu_matmul_tflops']:.4g} | {_fmt(r['compile_s'], '.1f')} | "
+        f"{_fmt(r['xla_mib'], '.0f')} | {_fmt(r['peak_mib'], '.0f')} | {ratio} |")
   return '\n'.join(lines)
 
 
@@ -272,14 +410,21 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--models', nargs='+', default=['RepMLPNet-B224'])
   parser.add_argument('--batch-sizes', nargs='+', type=int, default=[1, 8])
+  parser.add_argument('--device', choices=('cpu', 'gpu'), default='cpu')
+  parser.add_argument('--precisions', nargs='+', default=['float32'],
+                      choices=('float32', 'tf32', 'bfloat16'), help='GPU only')
   parser.add_argument('--repeats', type=int, default=5, help='timed calls per function (median)')
   parser.add_argument('--warmup', type=int, default=1, help='untimed calls after compilation')
   parser.add_argument('--matmul-size', type=int, default=4096, help='side of the reference matmul')
   parser.add_argument('--no-torch', action='store_true', help='JAX figures only')
   parser.add_argument('--json', default=None, help='also write the figures to this file')
+  parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)  # One framework's process.
   args = parser.parse_args(argv)
-  results = run(args.models, args.batch_sizes, repeats=args.repeats, warmup=args.warmup,
-                with_torch=not args.no_torch, matmul_size=args.matmul_size)
+  if args.worker:
+    return _worker(args.worker)
+  results = run(args.models, args.batch_sizes, device=args.device, precisions=args.precisions,
+                with_torch=not args.no_torch, repeats=args.repeats, warmup=args.warmup,
+                matmul_size=args.matmul_size)
   results['command'] = 'python -m benchmarks.bench_models ' + ' '.join(
       sys.argv[1:] if argv is None else argv)
   print(format_table(results))

@@ -165,9 +165,9 @@ class GlobalPerceptron(nn.Module):
   precision: Precision = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, pooled: jax.Array | None = None) -> jax.Array:
     channels = x.shape[-1]
-    g = jnp.mean(x, axis=(1, 2))
+    g = jnp.mean(x, axis=(1, 2)) if pooled is None else pooled
     g = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, precision=self.precision, name='fc1')(g))
     g = nn.Dense(channels, dtype=self.dtype, precision=self.precision, name='fc2')(g)
     return nn.sigmoid(g)  # (N, C)
@@ -191,19 +191,26 @@ class RepMLPBlock(nn.Module):
   precision: Precision = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool = False,
+               pooled: jax.Array | None = None) -> jax.Array:
+    """Args: x (N, H, W, C); pooled: x's spatial mean (N, C) when the caller has it cheaper."""
     s, hw = self.sharesets, self.h * self.w
     gate = GlobalPerceptron(self.gp_hidden or self.channels // 4, dtype=self.dtype,
-                            precision=self.precision, name='gp')(x)
+                            precision=self.precision, name='gp')(x, pooled)
     rows = partition(x, self.h, self.w, s)  # (N, hp, wp, C/S, h, w, S)
     lead = rows.shape[:4]
     # float32 params as nn.Dense's param_dtype, also under jax_enable_x64.
     fc3_kernel = self.param('fc3', nn.initializers.lecun_normal(in_axis=1, out_axis=2,
                                                                 batch_axis=0), (s, hw, hw),
-                            jnp.float32)
+                            jnp.float32).astype(self.dtype)
     flat = rows.reshape(*lead, hw, s)
-    out = jnp.einsum('nijrps,spq->nijrqs', flat, fc3_kernel.astype(self.dtype),
-                     precision=self.precision)
+    if s == 1:
+      # One plain matmul. Written as a batched one, XLA transposes the whole (h*w, h*w) kernel
+      # (3136^2 floats at 56 x 56) on every call rather than the rows.
+      out = jnp.dot(flat.reshape(-1, hw), fc3_kernel[0], precision=self.precision)
+      out = out.reshape(flat.shape)
+    else:
+      out = jnp.einsum('nijrps,spq->nijrqs', flat, fc3_kernel, precision=self.precision)
     if self.deploy:
       out = out + self.param('fc3_bias', nn.initializers.zeros, (s, hw), jnp.float32).T.astype(self.dtype)
       out = out.reshape(rows.shape)
@@ -236,7 +243,7 @@ class FFNBlock(nn.Module):
 
 
 class RepMLPNetUnit(nn.Module):
-  """x + RepMLPBlock(prebn1(x)), then y + FFN(prebn2(y))."""
+  """x + RepMLPBlock(prebn1(x)), then y + FFN(prebn2(y)); deploy: y + FFN(y), prebn2 in fc1."""
   channels: int
   h: int
   w: int
@@ -250,10 +257,17 @@ class RepMLPNetUnit(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    y = batch_norm(train, self.dtype, name='prebn1')(x)
+    prebn1 = batch_norm(train, self.dtype, name='prebn1')
+    y = prebn1(x)
+    # In eval mode a BatchNorm is a per-channel affine map, which commutes with the spatial mean:
+    # the Global Perceptron pools x itself, so prebn1(x) is never written out whole (XLA fuses it
+    # into the partition copy).
+    pooled = None if train else prebn1(jnp.mean(x, axis=(1, 2)))
     x = x + RepMLPBlock(self.channels, self.h, self.w, self.sharesets, self.reparam_conv_k,
                         self.gp_hidden, deploy=self.deploy, dtype=self.dtype,
-                        precision=self.precision, name='repmlp_block')(y, train=train)
-    y = batch_norm(train, self.dtype, name='prebn2')(x)
+                        precision=self.precision, name='repmlp_block')(y, train=train,
+                                                                       pooled=pooled)
+    # The deploy form folds prebn2 into the FFN's fc1 (a BN before a linear op, no padding).
+    y = x if self.deploy else batch_norm(train, self.dtype, name='prebn2')(x)
     return x + FFNBlock(self.channels * self.ffn_expand, deploy=self.deploy, dtype=self.dtype,
                         precision=self.precision, name='ffn_block')(y, train=train)

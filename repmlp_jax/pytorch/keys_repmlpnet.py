@@ -13,9 +13,11 @@ bias / running_mean / running_var -> params scale / bias, batch_stats mean / var
 num_batches_tracked is ignored on import and written as 0 on export.
 
 Deploy form: the official deploy model keeps a BatchNorm after the stem, downsampling and FFN
-convs; this package folds those into the convs. A deploy-form file is folded during import; on
-export a folded conv becomes the conv plus an identity BatchNorm (weight 1, bias b, mean 0,
-var 1 - eps), which the official deploy model loads strictly and which computes the same function.
+convs, and prebn2 before the FFN; this package folds those into the convs (prebn2 into ffn_fc1).
+A deploy-form file is folded during import (in float64); on export a folded conv becomes the conv
+plus an identity BatchNorm carrying the bias (weight 1, bias b, mean 0, var 1 - eps: eval-mode
+BN then computes exactly x + b), and prebn2 an identity BatchNorm (bias 0), which the official
+deploy model loads strictly and which compute the same function.
 """
 
 import collections
@@ -86,7 +88,8 @@ class _Group:
   torch: str  # Official key prefix, e.g. 'stages.0.1.ffn_block.ffn_fc1'.
   flax: tuple[str, ...]  # Path of the Flax module, e.g. ('stages_0_1', 'ffn_block', 'ffn_fc1').
   shape: tuple[int, ...]  # PyTorch weight shape; (C,) for a BatchNorm.
-  deploy: bool = False
+  deploy: bool = False  # A 'bn' with deploy=True is folded into the next op (prebn2).
+  input_bn: str | None = None  # Deploy 'conv_bn': the official prefix of a BN folded into it.
 
 
 def _groups(model: repmlpnet.RepMLPNet) -> list[_Group]:
@@ -110,11 +113,11 @@ def _groups(model: repmlpnet.RepMLPNet) -> list[_Group]:
       e = c * model.ffn_expand
       groups += [
           _Group('conv_bn', f'{t}.ffn_block.ffn_fc1', f + ('ffn_block', 'ffn_fc1'), (e, c, 1, 1),
-                 deploy),
+                 deploy, f'{t}.prebn2' if deploy else None),
           _Group('conv_bn', f'{t}.ffn_block.ffn_fc2', f + ('ffn_block', 'ffn_fc2'), (c, e, 1, 1),
                  deploy),
           _Group('bn', f'{t}.prebn1', f + ('prebn1',), (c,)),
-          _Group('bn', f'{t}.prebn2', f + ('prebn2',), (c,))]
+          _Group('bn', f'{t}.prebn2', f + ('prebn2',), (c,), deploy)]
   for i, (a, b) in enumerate(zip(channels[:-1], channels[1:])):
     groups.append(_Group('conv_bn', f'embeds.{i}', (f'embeds_{i}',), (b, a, 2, 2), deploy))
   groups += [_Group('bn', 'head_norm', ('head_norm',), (channels[-1],)),
@@ -189,6 +192,22 @@ def _bn_to_flax(sd, prefix, path, params, stats) -> None:
   _set(stats, path + ('var',), _f32(sd[f'{prefix}.running_var']))
 
 
+def _bn_affine(sd, prefix) -> tuple[np.ndarray, np.ndarray]:
+  """An eval-mode BatchNorm of the state_dict as float64 (scale, shift): y = x * scale + shift."""
+  scale = np.asarray(sd[f'{prefix}.weight'], np.float64) / np.sqrt(
+      np.asarray(sd[f'{prefix}.running_var'], np.float64) + layers.BN_EPSILON)
+  return scale, sd[f'{prefix}.bias'] - np.asarray(sd[f'{prefix}.running_mean'], np.float64) * scale
+
+
+def _identity_bn(prefix: str, bias: np.ndarray) -> list[tuple[str, np.ndarray]]:
+  """A BatchNorm whose eval mode computes exactly x + bias: (x - 0) / sqrt(1 - eps + eps) + bias."""
+  return [(f'{prefix}.weight', np.ones_like(bias)),
+          (f'{prefix}.bias', bias),
+          (f'{prefix}.running_mean', np.zeros_like(bias)),
+          (f'{prefix}.running_var', np.full_like(bias, 1.0 - layers.BN_EPSILON)),
+          (f'{prefix}.num_batches_tracked', np.array(0, np.int64))]
+
+
 def _oihw_to_hwio(w) -> np.ndarray:
   return np.transpose(w, (2, 3, 1, 0))
 
@@ -199,13 +218,18 @@ def _group_to_flax(g: _Group, sd: Mapping[str, np.ndarray], params: dict, stats:
     _set(params, f + ('conv', 'kernel'), _f32(_oihw_to_hwio(sd[f'{t}.conv.weight'])))
     _bn_to_flax(sd, f'{t}.bn', f + ('bn',), params, stats)
   elif g.kind == 'conv_bn':
-    # The official deploy model keeps conv -> BN; ours folds the BN into the conv (in float64).
-    scale = np.asarray(sd[f'{t}.bn.weight'], np.float64) / np.sqrt(
-        np.asarray(sd[f'{t}.bn.running_var'], np.float64) + layers.BN_EPSILON)
-    shift = sd[f'{t}.bn.bias'] - np.asarray(sd[f'{t}.bn.running_mean'], np.float64) * scale
+    # The official deploy model keeps conv -> BN; ours folds the BN into the conv (in float64),
+    # and a BN before a 1x1 conv (prebn2) into its input side.
+    scale, shift = _bn_affine(sd, f'{t}.bn')
     kernel = _oihw_to_hwio(np.asarray(sd[f'{t}.conv.weight'], np.float64)) * scale
+    if g.input_bn:
+      in_scale, in_shift = _bn_affine(sd, g.input_bn)
+      shift = shift + in_shift @ kernel[0, 0]
+      kernel = kernel * in_scale[:, None]
     _set(params, f + ('conv', 'kernel'), _f32(kernel))
     _set(params, f + ('conv', 'bias'), _f32(shift))
+  elif g.kind == 'bn' and g.deploy:
+    pass  # Folded into the next conv, which reads it (input_bn).
   elif g.kind == 'bn':
     _bn_to_flax(sd, t, f, params, stats)
   elif g.kind == 'gp_fc':
@@ -261,14 +285,11 @@ def _group_to_torch(g: _Group, params: Mapping, stats: Mapping) -> list[tuple[st
     if not g.deploy:
       return [(f'{t}.conv.weight', kernel)] + _bn_to_torch(f'{t}.bn', f + ('bn',), params, stats)
     # The official deploy model has conv (no bias) -> BN: an identity BN carrying our bias.
-    bias = _get(params, f + ('conv', 'bias'))
-    eps = layers.BN_EPSILON
-    return [(f'{t}.conv.weight', kernel),
-            (f'{t}.bn.weight', np.ones_like(bias)),
-            (f'{t}.bn.bias', bias),
-            (f'{t}.bn.running_mean', np.zeros_like(bias)),
-            (f'{t}.bn.running_var', np.full_like(bias, 1.0 - eps)),
-            (f'{t}.bn.num_batches_tracked', np.array(0, np.int64))]
+    return [(f'{t}.conv.weight', kernel)] + _identity_bn(f'{t}.bn',
+                                                         _get(params, f + ('conv', 'bias')))
+  if g.kind == 'bn' and g.deploy:  # Folded into the next conv: an identity BN in its place.
+    like = _get(params, g.flax[:-1] + ('ffn_block', 'ffn_fc1', 'conv', 'bias'))
+    return _identity_bn(t, np.zeros(g.shape, like.dtype))
   if g.kind == 'bn':
     return _bn_to_torch(t, f, params, stats)
   if g.kind == 'gp_fc':

@@ -34,6 +34,26 @@ def fuse_bn(kernel: jax.Array, bn_params: Params, bn_stats: Params) -> tuple[jax
   return kernel * scale, shift
 
 
+def fuse_bn_before(kernel: jax.Array, bias: jax.Array, bn_params: Params,
+                   bn_stats: Params) -> tuple[jax.Array, jax.Array]:
+  """Folds a BatchNorm into the linear op after it (no padding in between); exact.
+
+  op(x * scale + shift) = x @ (scale[:, None] * K) + (shift @ K + b), the BN's channels being the
+  op's input channels.
+
+  Args:
+    kernel: (..., I, O), e.g. a 1x1 conv's HWIO kernel; bias: (O,).
+    bn_params, bn_stats: the BatchNorm's {'scale', 'bias'} and {'mean', 'var'}, each (I,).
+  Returns:
+    (kernel (same shape), bias (O,)).
+  """
+  if any(k != 1 for k in kernel.shape[:-2]):  # Zero padding would see the shift only inside.
+    raise ValueError(f'fuse_bn_before: a BN folds exactly only into a 1x1 op; got {kernel.shape}.')
+  scale, shift = bn_scale_shift(bn_params, bn_stats)
+  matrix = kernel.reshape(kernel.shape[-2:])  # (I, O)
+  return kernel * scale[:, None], bias + jnp.matmul(shift, matrix, precision=HIGHEST)
+
+
 def pad_kernel(kernel: jax.Array, size: int) -> jax.Array:
   """Zero-pads an HWIO kernel (k, k, I, O) to (size, size, I, O), centred (k and size odd)."""
   p = (size - kernel.shape[0]) // 2

@@ -3,9 +3,10 @@
 Locality Injection: each conv branch k x k with its BatchNorm becomes a fused kernel, kernels are
 padded to the largest size and summed, and the sum is turned into a grouped FC by convolving an
 identity (under jax.vmap over sharesets); fc3_bn is folded into fc3 and the converted branches are
-added. Every BatchNorm that follows a conv (stem, downsampling, FFN) is folded into that conv. The
-BatchNorms that precede a block (prebn1, prebn2) and the head's norm stay, as in the official
-deploy form.
+added. Every BatchNorm that follows a conv (stem, downsampling, FFN) is folded into that conv, and
+prebn2 into the FFN's first 1x1 conv, which it precedes. prebn1 stays (fc3 shares one kernel
+across the channels of a shareset, so a per-channel scale cannot enter it), and so does the
+head's norm (it defines `pre_logits`).
 """
 
 from typing import Any, Mapping
@@ -13,7 +14,8 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from repmlp_jax.models import repmlpnet
-from repmlp_jax.reparameterize.fusion import bn_scale_shift, conv_to_fc, fuse_conv_bn, pad_kernel
+from repmlp_jax.reparameterize.fusion import (bn_scale_shift, conv_to_fc, fuse_bn_before,
+                                              fuse_conv_bn, pad_kernel)
 
 Params = Mapping[str, Any]
 
@@ -46,13 +48,16 @@ def reparam_variables(model: repmlpnet.RepMLPNet, variables: Params) -> dict[str
       name = f'stages_{s}_{b}'
       unit, unit_stats = params[name], stats[name]
       ffn, ffn_stats = unit['ffn_block'], unit_stats['ffn_block']
+      fc1 = fuse_conv_bn(ffn['ffn_fc1'], ffn_stats['ffn_fc1'])['conv']
+      fc1 = dict(zip(('kernel', 'bias'), fuse_bn_before(fc1['kernel'], fc1['bias'],
+                                                         unit['prebn2'], unit_stats['prebn2'])))
       new_params[name] = {
           'prebn1': unit['prebn1'],
           'repmlp_block': fuse_repmlp_block(unit['repmlp_block'], unit_stats['repmlp_block'], p, p),
-          'prebn2': unit['prebn2'],
-          'ffn_block': {k: fuse_conv_bn(ffn[k], ffn_stats[k]) for k in ('ffn_fc1', 'ffn_fc2')},
+          'ffn_block': {'ffn_fc1': {'conv': fc1},
+                        'ffn_fc2': fuse_conv_bn(ffn['ffn_fc2'], ffn_stats['ffn_fc2'])},
       }
-      new_stats[name] = {'prebn1': unit_stats['prebn1'], 'prebn2': unit_stats['prebn2']}
+      new_stats[name] = {'prebn1': unit_stats['prebn1']}
   new_params['head_norm'], new_stats['head_norm'] = params['head_norm'], stats['head_norm']
   new_params['head'] = params['head']
   return {'params': new_params, 'batch_stats': new_stats}
