@@ -196,11 +196,15 @@ def test_bad_groups_fail_clearly():
 
 
 def _batch_norm_count(model, x_shape):
-  """Modules built during init: (our BatchNorms, flax nn.BatchNorms, BatchNorm stats)."""
-  built = []
+  """Modules built during init: (our BatchNorms, flax nn.BatchNorms, BatchNorm stats).
+
+  Counted once per module, however often it is called (RepMLPNet's prebn1 also normalizes the
+  Global Perceptron's pooled input in eval mode).
+  """
+  built = {}
 
   def record(next_fun, args, kwargs, context):
-    built.append(type(context.module))
+    built[context.module.scope.path] = type(context.module)
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
@@ -208,6 +212,7 @@ def _batch_norm_count(model, x_shape):
                               jax.ShapeDtypeStruct(x_shape, jnp.float32))
   stats = [p for p, _ in jax.tree_util.tree_leaves_with_path(abstract['batch_stats'])
            if jax.tree_util.keystr(p).endswith("['mean']")]
+  built = list(built.values())
   return built.count(batch_norm.BatchNorm), built.count(nn.BatchNorm), len(stats)
 
 
