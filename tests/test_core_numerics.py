@@ -14,10 +14,14 @@ import numpy as np
 import pytest
 import torch
 
+import repmlp_jax
 from repmlp_jax.models import layers
 from repmlp_jax.models import factory
 from repmlp_jax.pytorch import keys_repmlpnet as keys
+from repmlp_jax.reparameterize import deploy as rp_deploy
 from repmlp_jax.reparameterize import fusion
+from tests import rounding
+from tests import torch_checkpoints as tc
 from tests import torch_reference as tr
 
 EXACT = 1e-12  # float64 round-off of these small sums is ~1e-16.
@@ -170,3 +174,24 @@ def test_exported_identity_batch_norm_fields_are_exact():
                                   np.full_like(bias, identity_var))
     assert sd[f'{prefix}.bn.running_var'].dtype == np.float32
     assert sd[f'{prefix}.bn.num_batches_tracked'] == 0
+
+
+def test_reparam_equals_the_reference_deploy_conversion():
+  """Our reparam of the tiny model == the authors' conversion (float64), as imported here."""
+  torch_model = tc.tiny_torch_model(seed=5, reparam_conv_k=(1, 3, 5)).double()
+  model, variables = repmlp_jax.load_torch(torch_model.state_dict())
+  _, expected = repmlp_jax.load_torch(tr.deploy_state_dict(torch_model))  # float32 of float64.
+  with jax.enable_x64(True):
+    variables64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
+    ours = jax.device_get(rp_deploy.reparam_variables(model, variables64))
+  assert jax.tree.structure(ours) == jax.tree.structure(expected)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(ours)):
+    # The import rounds the reference's float64 result to float32: one ulp of the array's scale.
+    scale = np.abs(a).max()
+    assert np.abs(np.asarray(b, np.float64) - a).max() <= 2 * rounding.FLOAT32_EPS * scale, (
+        jax.tree_util.keystr(path))
+
+
+def test_reparam_refuses_models_it_has_no_rule_for():
+  with pytest.raises(TypeError, match='No re-parameterization'):
+    rp_deploy.reparam_variables(layers.RepMLPBlock(8, 2, 2, 2), {})
