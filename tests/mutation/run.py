@@ -211,8 +211,8 @@ def main() -> None:
   parser.add_argument('--recheck', action='store_true',
                       help='run only the survivors of the previous sessions again')
   parser.add_argument('--dry-run', action='store_true', help='only count the mutants')
-  parser.add_argument('--exclude-tests', nargs='*', default=[],
-                      help='test files left out (to measure what newer tests add)')
+  parser.add_argument('--exclude-tests', action='append', default=[], metavar='FILE',
+                      help='a test file left out (to measure what newer tests add); repeatable')
   args = parser.parse_args()
   EXCLUDED_TESTS.update(args.exclude_tests)
   names = args.targets or list(TARGETS)
