@@ -4,9 +4,12 @@ With square inputs hp == wp at every stage, so a re-assembly that reads the wind
 wrong order (hp and wp swapped) gives the same shapes and, on the tiny variant, passed every
 square test; on 32x64 it is 1.6% off. The tiny variant at 32x64 (two windows across and one
 down in the last stages, several of each in the first) and RepMLPNet-T224 at 224x448 (the
-smallest official variant, batch 1). The v1 RepMLP-ResNet takes exactly its square image_size
+smallest official variant, batch 1); the stage features against the reference's
+forward_features. The v1 RepMLP-ResNet takes exactly its square image_size
 (its Global Perceptron is sized for it), so it has no non-square case.
 """
+
+import copy
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +18,7 @@ import pytest
 import torch
 
 import repmlp_jax
+from repmlp_jax.models import features
 from tests import helpers
 from tests import rounding
 from tests import torch_checkpoints as tc
@@ -79,3 +83,22 @@ def test_t224_at_224x448_both_forms():
   deploy_model, deploy_variables = repmlp_jax.reparam(model, variables)
   del variables
   tc.assert_logits_match(expected, tc.flax_logits(deploy_model, deploy_variables, x), tolerance)
+
+
+def test_stage_features_match_the_reference_forward_features_32x64(tiny):
+  torch_model, x = tiny
+  model, variables = repmlp_jax.load_torch(torch_model.state_dict())
+  with torch.no_grad():
+    feats32 = [f.numpy() for f in torch_model.forward_features(x)]
+    model64 = copy.deepcopy(torch_model).double()
+    feats64 = [f.numpy() for f in model64.forward_features(x.double())]
+  ours = jax.jit(lambda v, im: features.extract_features(model, v, im))(
+      variables, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
+  assert len(ours) == len(feats32) == 4
+  for i, (got, want32, want64) in enumerate(zip(ours, feats32, feats64)):
+    got = np.asarray(got).transpose(0, 3, 1, 2)  # NHWC -> NCHW
+    assert got.shape == want32.shape, (i, got.shape)
+    # Bound: 8x the reference's own float32 rounding of this stage's output (tests/rounding.py).
+    bound = rounding.FACTOR * max(helpers.relative_error(want64, want32), rounding.FLOAT32_EPS)
+    err = helpers.relative_error(want32, got)
+    assert err <= bound, f'stage {i}: {err:.3g} > {bound:.3g}'
