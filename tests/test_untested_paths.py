@@ -46,9 +46,10 @@ def test_nan_guard_stops_on_inf_loss_and_on_a_bad_gradient_norm_alone(tmp_path, 
   try:
     good = {'loss': np.float32(2.3), 'grad_norm': np.float32(1.0), 'lr': np.float32(0.1)}
     pending = [good, {**good, **{k: np.float32(v) for k, v in measurement.items()}}]
+    pull_and_check = trainer._pull_and_check  # pylint: disable=protected-access
     with pytest.raises(FloatingPointError, match=rf'{bad} became .*step 6'):
-      trainer._pull_and_check(pending, 4, ckpts)  # pylint: disable=protected-access
-    assert trainer._pull_and_check([good, good], 4, ckpts)['train/loss'] == pytest.approx(2.3)  # pylint: disable=protected-access
+      pull_and_check(pending, 4, ckpts)
+    assert pull_and_check([good, good], 4, ckpts)['train/loss'] == pytest.approx(2.3)
   finally:
     ckpts.close()
 
@@ -139,7 +140,8 @@ def test_predict_options_on_the_success_path(tiny_checkpoint, tmp_path, capsys):
   assert not library.model.deploy and library.image_size == 64
   classes, scores = library.predict_files(files, top_k=3)
   assert [c for _, c in printed] == [int(c) for c in classes[:, 0]]
-  np.testing.assert_allclose([s for s, _ in printed], scores[:, 0], atol=1e-4)  # Printed to 4 places.
+  # Scores are printed to 4 places.
+  np.testing.assert_allclose([s for s, _ in printed], scores[:, 0], atol=1e-4)
   # The artifact: 64x64 inputs, the bf16 training form's logits.
   restored = export.load_exported(artifact)
   assert restored.in_avals[0].shape[1:] == (64, 64, 3)
@@ -187,11 +189,12 @@ def test_exported_artifact_runs_in_a_process_without_the_package(tiny_checkpoint
   artifact = export.save_exported(tmp_path / 'tiny.bin', export.export_predictor(predictor))
   x = np.random.default_rng(4).normal(size=(3, 32, 32, 3)).astype(np.float32)
   np.save(tmp_path / 'x.npy', x)
+  x_file, y_file = str(tmp_path / 'x.npy'), str(tmp_path / 'y.npy')
   script = (
       'import sys, numpy as np, jax\n'
       'from jax import export\n'
       f'exported = export.deserialize(bytearray(open({artifact!r}, "rb").read()))\n'
-      f'np.save({str(tmp_path / "y.npy")!r}, np.asarray(exported.call(np.load({str(tmp_path / "x.npy")!r}))))\n'
+      f'np.save({y_file!r}, np.asarray(exported.call(np.load({x_file!r}))))\n'
       'assert not [m for m in sys.modules if m.startswith(("repmlp_jax", "flax", "tests"))], '
       'sorted(sys.modules)\n')
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}

@@ -41,7 +41,8 @@ _FUSION_TESTS = ('tests/test_reparam.py tests/test_repmlp_block.py tests/test_co
                  '-k "by_hand or pad_kernel or conv_to_fc or bn_scale or formula"')
 TARGETS = {  # In the order they run: the cheapest first.
     'reassembly': ('repmlp_jax/models/layers.py', ('partition', 'reassemble'),
-                   'tests/test_reparam.py tests/test_core_numerics.py -k "reassemble or partition"'),
+                   'tests/test_reparam.py tests/test_core_numerics.py '
+                   '-k "reassemble or partition"'),
     'reparam_deploy': ('repmlp_jax/reparameterize/deploy.py', None,
                        'tests/test_reparam.py tests/test_core_numerics.py '
                        '-k "float64 or refuse or reparam_equals"'),
@@ -132,7 +133,8 @@ def write_config(src: str, workdir: str, name: str) -> str:
   ]
   if functions:
     ranges = function_lines(os.path.join(src, module), functions)
-    lines += ['', '[cosmic-ray.filters.line-filter]', f'lines = {{ "{module}" = {json.dumps(ranges)} }}']
+    lines += ['', '[cosmic-ray.filters.line-filter]',
+              f'lines = {{ "{module}" = {json.dumps(ranges)} }}']
   path = os.path.join(workdir, f'{name}.toml')
   with open(path, 'w', encoding='utf-8') as f:
     f.write('\n'.join(lines) + '\n')
