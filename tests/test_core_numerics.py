@@ -4,8 +4,9 @@ The partition / re-assembly against the official reshapes on non-square maps (se
 along each axis, hp != wp, C/S > 1); one RepMLPNet block (training form) against the PyTorch
 reference block on such a map; the BatchNorm fusion against its formula, with variances small
 enough for epsilon to matter; conv -> FC for grouped kernels on non-square maps; the exported
-identity BatchNorm's fields. Everything is float64 and exact to <= 1e-12 (pure data movement:
-bit-exact). tests/mutation/run.py runs these against planted bugs.
+identity BatchNorm's fields; our reparam against the reference's deploy conversion. Float64 and
+exact to <= 1e-12 (pure data movement: bit-exact), except where a float32 import rounds the
+reference's result (one float32 ulp). tests/mutation/run.py runs these against planted bugs.
 """
 
 import jax
