@@ -10,6 +10,10 @@ from repmlp_jax.inference import export
 from repmlp_jax.inference import predictor as inference
 from tests import helpers
 
+# The artifact is the same float32 program as the module, compiled apart: they may differ by the
+# model's float32 rounding (~1e-7 on the tiny variant, tests/test_reparam.py), times 8.
+BOUND = 8e-7
+
 
 @pytest.fixture(scope='module')
 def predictor():
@@ -30,14 +34,14 @@ def test_exported_artifact_matches_module(predictor, tmp_path):
     logits = np.asarray(restored.call(jnp.asarray(x)))
     expected = apply(predictor.variables, x)
     assert logits.shape == (n, 10)
-    assert helpers.relative_error(expected, logits) < 1e-5
+    assert helpers.relative_error(expected, logits) <= BOUND
 
 
 def test_fixed_batch_export(predictor):
   exported = export.export_predictor(predictor, batch_size=2)
   assert exported.in_avals[0].shape == (2, 32, 32, 3)
   x = np.ones((2, 32, 32, 3), np.float32)
-  assert helpers.relative_error(predictor.logits(x), exported.call(x)) < 1e-5
+  assert helpers.relative_error(predictor.logits(x), exported.call(x)) <= BOUND
 
 
 def test_save_refuses_to_overwrite_and_load_errors(predictor, tmp_path):

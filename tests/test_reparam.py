@@ -17,6 +17,10 @@ from tests import fast_init
 from tests import helpers
 
 TINY = '_RepMLPNet-Tiny'
+# The tiny variant with these random variables in float32 against itself in float64: 7.8e-8
+# relative (logits; both forms). Two float32 forms of one function may differ by about twice
+# that; the bound is 8x the rounding (tests/rounding.py's factor).
+TINY_FLOAT32_BOUND = 8 * 1e-7
 
 
 def test_bn_scale_shift_by_hand():
@@ -106,7 +110,8 @@ def test_reparam_equivalence_float32():
   x, variables = _tiny_variables(model)
   deploy_model, deploy_vars = repmlp_jax.reparam(model, variables)
   y_train = jax.jit(model.apply)(variables, x)
-  assert helpers.relative_error(y_train, jax.jit(deploy_model.apply)(deploy_vars, x)) <= 1e-5
+  err = helpers.relative_error(y_train, jax.jit(deploy_model.apply)(deploy_vars, x))
+  assert err <= TINY_FLOAT32_BOUND, err
 
 
 def test_reparam_equivalence_float64():
@@ -127,6 +132,10 @@ def test_reparam_equivalence_b224_at_224():
   variables = fast_init.random_variables(model, x.shape, seed=5)
   deploy_model, deploy_vars = repmlp_jax.reparam(model, variables)
   apply = lambda m: jax.jit(functools.partial(m.apply, train=False))
+  # Not derived from a float64 run of B224 (minutes on CPU): the official-like B224 drifts
+  # 2.2e-5 from float64 in float32 on CPU (BN scales near 1); these BN scales (0.2..0.6) keep
+  # the activations and the drift smaller, and 1e-5 has held. The tiny tests above carry the
+  # tight bound; exactness is the float64 test's.
   assert helpers.relative_error(apply(model)(variables, x), apply(deploy_model)(deploy_vars, x)) <= 1e-5
 
 
@@ -140,7 +149,8 @@ def test_reparam_is_pure_and_jittable():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), eager, jitted)
   deploy_model = model.clone(deploy=True)
   y_train = jax.jit(model.apply)(variables, x)
-  assert helpers.relative_error(y_train, jax.jit(deploy_model.apply)(jitted, x)) <= 1e-5
+  err = helpers.relative_error(y_train, jax.jit(deploy_model.apply)(jitted, x))
+  assert err <= TINY_FLOAT32_BOUND, err
 
 
 def test_reparam_refuses_a_deploy_model():

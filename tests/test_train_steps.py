@@ -30,6 +30,7 @@ from repmlp_jax.train import optim
 from repmlp_jax.train import sharding
 from repmlp_jax.train import experiment as steps_lib
 from repmlp_jax.train import trainer
+from tests import devices
 
 NUM_CLASSES = 10
 GLOBAL_BATCH = 16
@@ -163,6 +164,7 @@ def one_device():
   return run_steps(tiny_config(), jax.devices()[:1], global_batches())
 
 
+@devices.needs_8_cpu_devices
 def test_eight_devices_match_one_device(one_device):
   assert jax.device_count() == 8
   # Official recipe: mixup / CutMix over the global (sharded) batch, BN over the global batch.
@@ -174,6 +176,7 @@ def test_eight_devices_match_one_device(one_device):
   assert_states_close(state_8, one_device[1])
 
 
+@devices.needs_8_cpu_devices
 def test_fsdp_shards_large_arrays_and_matches_one_device(one_device):
   # With an EMA of the weights, which must not change the training itself.
   config = tiny_config(fsdp=True, fsdp_min_size=256, ema_decay=0.5)
@@ -223,6 +226,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@devices.needs_8_cpu_devices  # CPU workers compared with a CPU reference.
 def test_two_processes_match_one_process(one_device, tmp_path):
   """Two jax.distributed CPU processes (2 devices each), each feeding its half of every batch."""
   port = _free_port()

@@ -21,7 +21,10 @@ from tests import torch_reference as tr
 TINY = dict(channels=(8, 16, 16, 32), depths=(1, 1, 2, 1), hs=(4, 2, 1, 1), sharesets=(2, 4, 4, 8))
 TINY_NAME = '_RepMLPNet-Tiny'
 TINY_CLASSES = 10
-TOLERANCE = 1e-5  # Relative error of imported logits, float32.
+# Relative error of float32 logits where no float64 truth is at hand; comparisons with the
+# reference model pass tests.rounding.tolerance(model, x) instead, derived from float32's
+# rounding on that model (~1e-7 on the tiny variant).
+TOLERANCE = 1e-5
 
 
 def tiny_torch_model(seed: int = 0, deploy: bool = False, **overrides) -> tr.RepMLPNet:
@@ -47,9 +50,10 @@ def flax_logits(model, variables, x: torch.Tensor) -> np.ndarray:
   return np.asarray(jit_apply(model)(variables, x))
 
 
-def assert_logits_match(expected: np.ndarray, actual: np.ndarray) -> None:
+def assert_logits_match(expected: np.ndarray, actual: np.ndarray,
+                        tolerance: float = TOLERANCE) -> None:
   err = helpers.relative_error(expected, actual)
-  assert err <= TOLERANCE, f'relative error {err:.3g} > {TOLERANCE}'
+  assert err <= tolerance, f'relative error {err:.3g} > {tolerance:.3g}'
 
 
 class FakeYacs:
