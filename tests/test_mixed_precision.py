@@ -13,9 +13,11 @@ import pytest
 
 import repmlp_jax
 from configs import common
+from configs import digits
 from repmlp_jax import model_io
 from repmlp_jax.train import experiment as steps_lib
 from repmlp_jax.train import sharding
+from repmlp_jax.train import trainer
 
 NUM_CLASSES = 10
 GLOBAL_BATCH = 16
@@ -185,3 +187,17 @@ def test_wrong_grad_accum_steps_fail_before_compiling():
   with pytest.raises(ValueError, match='per-device batch of 2 .* over 8 devices'):
     steps_lib.Experiment(tiny_config(grad_accum_steps=4), num_classes=NUM_CLASSES,
                          steps=tiny_steps())  # Every device: 16 / 8 = 2 examples each.
+
+
+def test_short_bfloat16_digits_schedule_with_grad_accum_learns(tmp_path):
+  """The digits recipe in bfloat16 with grad_accum_steps=2, cut to 88 steps (4 epochs).
+
+  Measured on CPU: 72.7% top-1 (deploy form 72.7%; 66.9% after 44 steps); chance is 10%. The
+  bound leaves room for other machines' rounding.
+  """
+  config = digits.get_config()
+  config.update(dtype='bfloat16', grad_accum_steps=2, num_train_steps=88, warmup_epochs=0.5,
+                eval_every_epochs=100.0, checkpoint_every_steps=88, log_every_steps=88)
+  result = trainer.train_and_evaluate(config, str(tmp_path))
+  assert result['step'] == 88 and result['count'] == 359
+  assert result['top1'] >= 0.6 and result['deploy_top1'] >= 0.6
