@@ -5,6 +5,8 @@ step's to 2e-2 relative (measured: about 3e-3 on these steps), everything the st
 (parameters, optimizer state, BatchNorm statistics) must be float32 bit for bit in dtype.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,7 +126,8 @@ def test_precision_reaches_every_dot_and_convolution(name, setting):
   x = jnp.zeros((2, 32, 32, 3))
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
   ops = _dots_and_convs(jax.jit(model.apply).lower(variables, x).as_text())
-  assert ops and all(f'precision {setting}' in op for op in ops), ops[:3]
+  # Each op names the precision of both operands: 'precision = [HIGHEST, HIGHEST]'.
+  assert ops and all(len(re.findall(rf'\b{setting}\b', op)) == 2 for op in ops), ops[:3]
 
 
 def test_precision_and_dtype_settings_are_checked():
