@@ -22,6 +22,7 @@ Examples:
 import argparse
 import sys
 
+from repmlp_jax import compilation_cache
 from repmlp_jax import convert as convert_lib
 
 
@@ -107,4 +108,5 @@ def run(args: argparse.Namespace) -> list[str]:
 
 
 if __name__ == '__main__':
+  compilation_cache.enable()  # $REPMLP_JAX_COMPILATION_CACHE; '' turns it off.
   sys.exit(main())

@@ -13,6 +13,7 @@ import sys
 
 import jax.numpy as jnp
 
+from repmlp_jax import compilation_cache
 from repmlp_jax.inference import export
 from repmlp_jax.inference import predictor as inference
 
@@ -23,6 +24,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--checkpoint', required=True, help='model directory (save_model format)')
   parser.add_argument('--top-k', type=int, default=5, help='classes shown per image')
   parser.add_argument('--bf16', action='store_true', help='bfloat16 parameters and compute')
+  parser.add_argument('--precision', choices=('default', 'high', 'highest'), default=None,
+                      help="of every dot and convolution (default: the checkpoint's setting)")
   parser.add_argument('--batch-size', type=int, default=8, help='images per compiled batch')
   parser.add_argument('--image-size', type=int, default=None,
                       help='input side (default: the model\'s training resolution)')
@@ -43,7 +46,8 @@ def main(argv=None) -> int:
   try:
     predictor = inference.Predictor.from_checkpoint(
         args.checkpoint, reparameterize_model=not args.no_reparam,
-        dtype=jnp.bfloat16 if args.bf16 else jnp.float32, batch_size=args.batch_size,
+        dtype=jnp.bfloat16 if args.bf16 else jnp.float32, precision=args.precision,
+        batch_size=args.batch_size,
         image_size=args.image_size, crop_ratio=args.crop_ratio)
     if args.images:
       classes, scores = predictor.predict_files(args.images, top_k=args.top_k)
@@ -62,4 +66,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
+  compilation_cache.enable()  # $REPMLP_JAX_COMPILATION_CACHE; '' turns it off.
   sys.exit(main())

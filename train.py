@@ -81,7 +81,9 @@ def main(argv):
   if _MULTIHOST.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  from repmlp_jax import compilation_cache  # pylint: disable=g-import-not-at-top
   from repmlp_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  compilation_cache.enable(_CONFIG.value.get('compilation_cache_dir'))
   result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if result.get('preempted'):
     sys.exit(f'Stopped at step {result["step"]}; rerun the same command to resume.')

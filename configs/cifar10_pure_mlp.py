@@ -18,6 +18,7 @@ def get_config():
   """RepMLP-CIFAR-PureMLP, 10 classes, the paper's CIFAR-10 recipe."""
   config = common.get_config()
   config.model = 'RepMLP-CIFAR-PureMLP'
+  config.dtype = 'float32'  # Small enough for a CPU; --config.dtype=bfloat16 on TPU / GPU.
   config.dataset = 'cifar10'
   config.image_size = 32
   config.eval_image_size = 32

@@ -21,6 +21,16 @@ def get_config() -> ml_collections.ConfigDict:
   # Start from a model directory written by repmlp_jax.model_io.save_model, in training form
   # (a deploy-form model cannot be trained). The head starts fresh when its size differs.
   config.init_from = config_dict.placeholder(str)
+  # Compute dtype of every convolution, matmul and activation: 'bfloat16' (TPU / GPU) or
+  # 'float32'. Parameters, optimizer state, BatchNorm statistics and their mean / variance
+  # reductions, softmax and the loss stay float32 (no loss scaling). Checkpoints hold float32.
+  config.dtype = 'bfloat16'
+  # Of every dot and convolution: 'default' (the backend's fastest: TF32 on recent NVIDIA GPUs,
+  # bfloat16 passes on TPU), 'high', 'highest' (full float32). README: Numerics on accelerators.
+  config.precision = 'default'
+  # JAX's persistent compilation cache: None = $XDG_CACHE_HOME/repmlp_jax/jax_cache (or
+  # ~/.cache/...), a path = there, '' = off. A second start of the same config compiles nothing.
+  config.compilation_cache_dir = config_dict.placeholder(str)
 
   # Data (repmlp_jax.data.input_pipeline): 'imagenet2012', 'cifar10', 'cifar100', 'image_folder',
   # 'digits'. image_size: training crop; eval_image_size: test resize + center crop side.
@@ -34,6 +44,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Batches are global (all devices of all hosts together).
   config.global_batch_size = 256
+  # Each device's share of the global batch is run as this many micro-batches whose gradients
+  # are averaged before one optimizer update (same lr, same global batch). BatchNorm statistics
+  # are computed per micro-batch, as on a smaller batch.
+  config.grad_accum_steps = 1
   config.eval_batch_size = 256
   config.seed = 0
 

@@ -143,6 +143,7 @@ def test_full_run_on_tfds_mock_cifar10(tmp_path):
   config.model_overrides.update(channels=(8, 16), depths=(1, 1), partitions=(4, 2),
                                 sharesets=(2, 4))  # Two stages: half the compile time.
   config.dataset = 'cifar10'
+  config.dtype = 'float32'  # A CPU run (the ImageNet recipe's default is bfloat16).
   config.image_size = config.eval_image_size = 32
   config.preprocess_overrides.randaugment_layers = 2
   config.global_batch_size = config.eval_batch_size = 8

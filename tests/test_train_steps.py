@@ -53,6 +53,7 @@ def tiny_config(**overrides):
   # steps of either sign, so devices would "disagree" on them. eps 1e-3 keeps Adam's behaviour
   # on real gradients (1e-3 .. 1e-1 here) and makes noise-driven steps negligible.
   config.adam_eps = 1e-3
+  config.dtype = 'float32'  # Compared at 1e-5 across devices; common.py's default is bfloat16.
   config.update(overrides)
   return config
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from repmlp_jax.data import imagenet
 from repmlp_jax import model_io
+from repmlp_jax.models import factory as models
 from repmlp_jax.inference import image_files
 from repmlp_jax.models import features as features_lib
 from repmlp_jax.reparameterize import deploy as reparameterize
@@ -33,7 +34,8 @@ class Predictor:
   """Classifies images with a RepMLPNet, compiled once per input shape."""
 
   def __init__(self, model: nn.Module, variables: Any, *, reparameterize_model: bool = True,
-               dtype: Any = jnp.float32, batch_size: int = 8, image_size: int | None = None,
+               dtype: Any = jnp.float32, precision: Any = None, batch_size: int = 8,
+               image_size: int | None = None,
                crop_ratio: float = 1.0, class_names: Sequence[str] | None = None,
                device: jax.Device | None = None):
     """Places the (re-parameterized, cast) variables on `device`.
@@ -43,7 +45,9 @@ class Predictor:
       variables: its {'params', 'batch_stats'}.
       reparameterize_model: convert a training-form model to the deploy form (jit, once).
       dtype: compute and parameter dtype (jnp.float32 or jnp.bfloat16). BatchNorm statistics
-        stay float32; logits and scores are returned as float32.
+        stay float32; logits and scores are returned as float32. None: the model's own dtype.
+      precision: of every dot and convolution, 'default', 'high' or 'highest' (see the README,
+        Numerics on accelerators); None keeps the model's.
       batch_size: the fixed batch every call is padded to (one compilation per resolution).
       image_size: side of the square input for files (default: the model's training
         resolution).
@@ -58,9 +62,10 @@ class Predictor:
     variables = jax.device_put(variables, self.device)
     if reparameterize_model and not model.deploy:
       model, variables = reparameterize.reparam(model, variables)
-    self.dtype = jnp.dtype(dtype)
+    self.dtype = jnp.dtype(model.dtype if dtype is None else dtype)
+    model = model.clone(dtype=self.dtype, precision=model.precision if precision is None
+                        else models.parse_precision(precision))
     if self.dtype != jnp.float32:
-      model = model.clone(dtype=self.dtype)
       variables = {**variables, 'params': cast_floating(variables['params'], self.dtype)}
     self.model = model
     self.variables = variables

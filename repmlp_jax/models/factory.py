@@ -21,6 +21,34 @@ MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
 }
 
 
+# config.precision / create_model(precision=...) names -> what every dot and convolution gets.
+# 'default' is the backend's fastest float32 mode (TF32 on recent NVIDIA GPUs, one bfloat16
+# pass on TPU, full float32 on CPU); README "Numerics on accelerators" has the figures.
+PRECISIONS: dict[str, jax.lax.Precision | None] = {
+    'default': None, 'high': jax.lax.Precision.HIGH, 'highest': jax.lax.Precision.HIGHEST}
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+
+
+def parse_precision(precision: Any) -> jax.lax.Precision | None:
+  """'default' | 'high' | 'highest' (or a jax.lax.Precision, or None) -> the models' setting."""
+  if precision is None or isinstance(precision, jax.lax.Precision):
+    return precision
+  if isinstance(precision, str) and precision.lower() in PRECISIONS:
+    return PRECISIONS[precision.lower()]
+  raise ValueError(f'Unknown precision {precision!r}; use one of {", ".join(PRECISIONS)}.')
+
+
+def parse_dtype(dtype: Any) -> jnp.dtype:
+  """'float32' | 'bfloat16' (or a floating dtype) -> the models' compute dtype."""
+  try:
+    parsed = jnp.dtype(dtype)
+  except TypeError:
+    parsed = None
+  if parsed is None or not jnp.issubdtype(parsed, jnp.floating):
+    raise ValueError(f'Unknown compute dtype {dtype!r}; use one of {", ".join(COMPUTE_DTYPES)}.')
+  return parsed
+
+
 def _key(name: str) -> str:
   return re.sub(r'[^a-z0-9]', '', name.lower())
 
@@ -58,7 +86,9 @@ def create_model(name: str, *, num_classes: int = 1000, deploy: bool = False,
     num_classes: size of the classifier.
     deploy: the inference form produced by `repmlp_jax.reparam` instead of the training form.
     **overrides: any field of the model class (channels, depths, partitions, sharesets,
-      reparam_conv_k, dtype, precision, ...), for custom settings.
+      reparam_conv_k, dtype, precision, ...), for custom settings. `dtype` ('float32',
+      'bfloat16') is the compute dtype (parameters and BatchNorm statistics stay float32);
+      `precision` ('default', 'high', 'highest') goes to every dot and convolution.
   Returns:
     An unbound flax Module: `model.init(rng, x)`, `model.apply(variables, x, train=False)`.
   """
@@ -67,6 +97,10 @@ def create_model(name: str, *, num_classes: int = 1000, deploy: bool = False,
   unknown = sorted(set(overrides) - fields)
   if unknown:
     raise TypeError(f'{cls.__name__} has no setting(s) {unknown}; known: {sorted(fields - {"parent", "name"})}.')
+  if 'dtype' in overrides:
+    overrides['dtype'] = parse_dtype(overrides['dtype'])
+  if 'precision' in overrides:
+    overrides['precision'] = parse_precision(overrides['precision'])
   return cls(**{**settings, 'num_classes': num_classes, 'deploy': deploy, **overrides})
 
 

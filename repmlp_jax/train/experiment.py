@@ -72,13 +72,27 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modul
   """The training-form model the config names, with `model_overrides` as its settings."""
   overrides = {k: (tuple(v) if isinstance(v, list) else v)
                for k, v in config.model_overrides.to_dict().items()}
-  model = models.create_model(config.model, num_classes=num_classes, **overrides)
+  compute = {'dtype': config.get('dtype', 'float32'), 'precision': config.get('precision')}
+  model = models.create_model(config.model, num_classes=num_classes, **{**compute, **overrides})
   for size_name in ('image_size', 'eval_image_size'):
     size = config[size_name]
     if size % model.input_multiple:
       raise ValueError(f'config.{size_name}={size} does not fit {config.model}: its side must be '
                        f'a multiple of {model.input_multiple}.')
   return model
+
+
+def check_grad_accum(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Refuses a grad_accum_steps that does not split every device's share of the batch evenly."""
+  k = config.get('grad_accum_steps', 1)
+  per_device = config.global_batch_size // max(1, num_devices)
+  if not isinstance(k, int) or k < 1:
+    raise ValueError(f'config.grad_accum_steps must be a positive integer; got {k!r}.')
+  if per_device % k:
+    raise ValueError(
+        f'config.grad_accum_steps={k} does not divide the per-device batch of {per_device} '
+        f'(global_batch_size={config.global_batch_size} over {num_devices} devices); choose a '
+        'divisor of it, or change global_batch_size.')
 
 
 def _variables(tree: State) -> dict[str, Any]:
@@ -112,6 +126,7 @@ class Experiment:
     self.num_classes = num_classes
     self.steps = steps
     self.mesh = mesh or sharding.create_mesh()
+    check_grad_accum(config, self.mesh.size)
     self.model = build_model(config, num_classes)
     ema.check_config(config)
     # Fails here, before any compile, when the groups do not split each forward pass's batch.
@@ -175,24 +190,62 @@ class Experiment:
     one_hot = jax.nn.one_hot(labels, self.num_classes, dtype=jnp.float32)
     return images, optax.smooth_labels(one_hot, c.label_smoothing)
 
-  def _train_step(self, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
-    step = state['step']
-    rng = jax.random.fold_in(state['rng'], step)
-    images, targets = self._targets(rng, batch['image'], batch['label'])
-
+  def _loss_and_grads(self, params: Any, batch_stats: Any, images: jax.Array,
+                      targets: jax.Array):
     def loss_fn(params):
       # BatchNorm groups of bn_group_size images (the authors' per-GPU BatchNorm), per forward.
       with batch_norm.grouped_statistics(images.shape[0], self.config.bn_group_size):
         logits, updates = self.model.apply(
-            {'params': params, 'batch_stats': state['batch_stats']}, images, train=True,
+            {'params': params, 'batch_stats': batch_stats}, images, train=True,
             mutable=['batch_stats'])
       # At least float32 (float64 kept: the step is compared with PyTorch's in float64).
       logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
       loss = optax.softmax_cross_entropy(logits, targets).mean()
       return loss, (logits, updates['batch_stats'])
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state['params'])
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, logits, batch_stats, grads
+
+  def gradients(self, params: Any, batch_stats: Any, images: jax.Array, targets: jax.Array):
+    """Loss and gradient of one global batch, over config.grad_accum_steps micro-batches.
+
+    Micro-batch m holds the examples whose index is m modulo grad_accum_steps, so every device
+    keeps its own share of each (no data moves). They run one after another (lax.scan), each
+    with the BatchNorm statistics the previous one left; the gradients and losses are averaged.
+
+    Args:
+      params, batch_stats: the model's variables (float32).
+      images: (B, H, W, 3); targets: (B, num_classes) probabilities.
+    Returns:
+      (mean loss, logits (B, num_classes) in batch order, new batch_stats, mean gradients).
+    """
+    k = self.config.get('grad_accum_steps', 1)
+    if k == 1:
+      return self._loss_and_grads(params, batch_stats, images, targets)
+    micro_sharding = jax.sharding.NamedSharding(
+        self.mesh, jax.sharding.PartitionSpec(None, sharding.DATA_AXIS))
+
+    def split(x):  # (B, ...) -> (k, B / k, ...); row m is micro-batch m.
+      x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+      return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+    def micro_step(carry, xs):
+      grad_sum, stats = carry
+      loss, logits, stats, grads = self._loss_and_grads(params, stats, *xs)
+      return (jax.tree.map(jnp.add, grad_sum, grads), stats), (loss, logits)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grad_sum, batch_stats), (losses, logits) = jax.lax.scan(
+        micro_step, (zeros, batch_stats), (split(images), split(targets)))
+    logits = logits.swapaxes(0, 1).reshape(-1, logits.shape[-1])  # Back to batch order.
+    return jnp.mean(losses), logits, batch_stats, jax.tree.map(lambda g: g / k, grad_sum)
+
+  def _train_step(self, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+    step = state['step']
+    rng = jax.random.fold_in(state['rng'], step)
+    images, targets = self._targets(rng, batch['image'], batch['label'])
+    loss, logits, batch_stats, grads = self.gradients(state['params'], state['batch_stats'],
+                                                      images, targets)
     updates, opt_state = self.tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     new_state = {**state, 'params': params, 'batch_stats': batch_stats, 'opt_state': opt_state,
