@@ -1,0 +1,134 @@
+"""The tf.data service on localhost: a dispatcher and two workers in subprocesses serve the
+training pipeline; an epoch holds the same examples as the local pipeline's, and train.py's
+loop runs on it."""
+
+import contextlib
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from repmlp_jax.data import input_pipeline
+from repmlp_jax.data import preprocess
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_FAST = preprocess.Preprocess(randaugment_layers=0)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if process.poll() is not None:
+      raise RuntimeError(f'service process exited: {process.stdout.read()}')
+    with contextlib.suppress(OSError), socket.create_connection(('localhost', port), 0.2):
+      return
+    time.sleep(0.2)
+  raise TimeoutError(f'nothing listens on port {port} after {timeout} s')
+
+
+@pytest.fixture(scope='module')
+def service():
+  """grpc address of a dispatcher with two workers, all on loopback."""
+  env = dict(os.environ, PYTHONPATH=_ROOT, CUDA_VISIBLE_DEVICES='')
+  command = [sys.executable, '-m', 'repmlp_jax.data.service']
+  dispatcher_port = _free_port()
+  processes = []
+  try:
+    processes.append(subprocess.Popen(command + ['dispatcher', '--port', str(dispatcher_port)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    _wait_for_port(dispatcher_port, processes[0])
+    for _ in range(2):
+      port = _free_port()
+      processes.append(subprocess.Popen(
+          command + ['worker', '--dispatcher', f'localhost:{dispatcher_port}', '--port', str(port),
+                     '--worker_address', 'localhost:%port%'],
+          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+      _wait_for_port(port, processes[-1])
+    yield f'grpc://localhost:{dispatcher_port}'
+  finally:
+    for process in reversed(processes):
+      process.terminate()
+    for process in processes:
+      process.wait(timeout=30)
+
+
+@pytest.fixture(scope='module')
+def one_image_per_class(tmp_path_factory):
+  """An image folder where the label names the example: 12 train images, 12 classes."""
+  root = tmp_path_factory.mktemp('images')
+  rng = np.random.default_rng(0)
+  for i in range(12):
+    for split in ('train', 'val'):
+      (root / split / f'c{i:02d}').mkdir(parents=True)
+    pixels = rng.integers(0, 256, (30 + i, 40 - i, 3), np.uint8)
+    Image.fromarray(pixels).save(root / 'train' / f'c{i:02d}' / 'a.jpg')
+    Image.fromarray(pixels).save(root / 'val' / f'c{i:02d}' / 'a.jpg')
+  return str(root)
+
+
+def _epoch_labels(batches, steps):
+  return [sorted(np.concatenate([b['label'] for b in epoch]).tolist())
+          for epoch in (list(itertools.islice(batches, steps)),)][0]
+
+
+@pytest.mark.parametrize('process_index, process_count', [(0, 1), (1, 2)])
+def test_service_epoch_holds_the_local_epochs_examples(service, one_image_per_class,
+                                                       process_index, process_count):
+  args = dict(train=True, batch_size=3, image_size=16, data_dir=one_image_per_class,
+              preprocess=_FAST, process_index=process_index, process_count=process_count)
+  steps = 12 // process_count // 3
+  local = input_pipeline.create_split('image_folder', **args)
+  served = input_pipeline.create_split('image_folder', data_service_address=service, **args)
+  for _ in range(2):  # Two epochs: each is this process's share, every example once.
+    expected = _epoch_labels(local, steps)
+    got_batches = list(itertools.islice(served, steps))
+    for batch in got_batches:
+      assert batch['image'].shape == (3, 16, 16, 3) and batch['image'].dtype == np.float32
+    assert sorted(np.concatenate([b['label'] for b in got_batches]).tolist()) == expected
+    assert len(set(expected)) == 12 // process_count
+
+
+def test_service_resume_keeps_epoch_boundaries(service):
+  # digits: 1438 train examples, 22 steps of 64 per epoch. Resumed at step 20, the stream ends
+  # the first epoch after 2 batches and then serves the whole second epoch.
+  args = dict(train=True, batch_size=64, image_size=8, preprocess=_FAST,
+              data_service_address=service)
+  resumed = input_pipeline.create_split('digits', start_step=20, **args)
+  labels = [b['label'] for b in itertools.islice(resumed, 2 + 22)]
+  local = input_pipeline.create_split('digits', train=True, batch_size=64, image_size=8,
+                                      preprocess=_FAST, start_step=22)
+  second_epoch = np.concatenate([b['label'] for b in itertools.islice(local, 22)])
+  np.testing.assert_array_equal(np.bincount(np.concatenate(labels[2:]), minlength=10),
+                                np.bincount(second_epoch, minlength=10))
+
+
+def test_train_loop_runs_on_the_service(service, tmp_path):
+  from configs import digits
+  from repmlp_jax.train import trainer
+  config = digits.get_config()
+  config.num_train_steps = 3
+  config.eval_every_epochs = 100.0
+  config.checkpoint_every_steps = 3
+  config.log_every_steps = 1
+  config.data_service_address = service
+  result = trainer.train_and_evaluate(config, str(tmp_path))
+  assert result['step'] == 3 and result['count'] == 359 and np.isfinite(result['loss'])
+
+
+def test_service_is_for_training_only():
+  with pytest.raises(ValueError, match='evaluation runs locally'):
+    input_pipeline.create_split('digits', train=False, batch_size=8, image_size=8,
+                                data_service_address='grpc://localhost:1')
