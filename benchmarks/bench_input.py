@@ -13,10 +13,10 @@ Pipelines (`repmlp_jax.data.input_pipeline.create_split`, batch --batch-size, si
 --image-size): `train_randaugment` (the official recipe), `train_no_randaugment` (crop + flip),
 `eval` (resize + center crop), each from the folder, and `tfds_train_randaugment`.
 
-Timing: every pipeline is built and warmed up (its first batches, which include tf.data's
-start-up and autotuning), then the repeats run round-robin over the pipelines so that load from
-other processes falls on all of them alike; each repeat times --batches batches. Reported per
-pipeline, medians over repeats:
+Timing: the repeats run round-robin over the pipelines, so that load from other processes falls
+on all of them alike; each builds the pipeline afresh, takes --warmup batches (tf.data's start-up
+and autotuning), times the next --batches batches and drops the pipeline, so that nothing else
+runs meanwhile. Reported per pipeline, medians over repeats:
 - img_per_s: wall-clock images per second with all the cores this process may use;
 - img_per_s_per_core: images per second of process CPU time (user + system), i.e. what one
   fully busy core delivers. This is the figure to size machines with (cores needed = step rate /
@@ -30,7 +30,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -81,51 +81,54 @@ def _tfds_mock(image_dir: str):
   return tfds.testing.mock_data(num_examples=len(labels), as_dataset_fn=as_dataset)
 
 
-def make_pipelines(names, image_dir: str, *, batch_size: int, image_size: int,
-                   input_pipeline=None, preprocess=None) -> dict[str, Iterator]:
-  """Endless batch iterators by pipeline name (eval passes are chained)."""
-  import itertools
+def pipeline_makers(image_dir: str, *, batch_size: int, image_size: int,
+                    input_pipeline=None, preprocess=None) -> dict[str, Callable[[], Iterator]]:
+  """Functions that build a fresh batch iterator, by pipeline name.
+
+  input_pipeline / preprocess: the modules to measure (default: this package's), so that two
+  versions can be compared in one process.
+  """
   if input_pipeline is None:
     from repmlp_jax.data import input_pipeline
   if preprocess is None:
     from repmlp_jax.data import preprocess
   no_randaugment = preprocess.Preprocess(randaugment_layers=0)
   folder = dict(data_dir=image_dir, batch_size=batch_size, image_size=image_size)
-  makers = {
+
+  def tfds_train():
+    with _tfds_mock(image_dir):  # tfds is only consulted while the pipeline is built.
+      return input_pipeline.create_split('imagenet2012', train=True, batch_size=batch_size,
+                                         image_size=image_size)
+
+  return {
       'train_randaugment': lambda: input_pipeline.create_split(
           'image_folder', train=True, **folder),
       'train_no_randaugment': lambda: input_pipeline.create_split(
           'image_folder', train=True, preprocess=no_randaugment, **folder),
-      'eval': lambda: itertools.chain.from_iterable(
-          input_pipeline.create_split('image_folder', train=False, **folder)
-          for _ in itertools.count()),
-      'tfds_train_randaugment': lambda: input_pipeline.create_split(
-          'imagenet2012', train=True, batch_size=batch_size, image_size=image_size),
+      'eval': lambda: input_pipeline.create_split('image_folder', train=False, **folder),
+      'tfds_train_randaugment': tfds_train,
   }
-  pipelines = {}
-  for name in names:
-    if name.startswith('tfds'):
-      with _tfds_mock(image_dir):
-        pipelines[name] = makers[name]()
-        next(pipelines[name])  # tfds is only consulted while the pipeline is built.
-    else:
-      pipelines[name] = makers[name]()
-  return pipelines
 
 
-def measure(pipelines: dict[str, Iterator], *, batch_size: int, batches: int, repeats: int,
-            warmup: int) -> dict[str, dict[str, float]]:
-  """Round-robin timing; returns medians of img_per_s and img_per_s_per_core per pipeline."""
-  for iterator in pipelines.values():
-    for _ in range(warmup):
-      next(iterator)
-  samples = {name: [] for name in pipelines}
+def measure(makers: dict[str, Callable[[], Iterator]], *, batch_size: int, batches: int,
+            repeats: int, warmup: int) -> dict[str, dict]:
+  """Round-robin timing; returns medians of img_per_s and img_per_s_per_core per pipeline.
+
+  Each timing builds a fresh pipeline, takes `warmup` batches, then times `batches` more, and
+  drops the pipeline: only the measured pipeline runs meanwhile, and since the consumer here is
+  much faster than the pipeline its prefetch buffers stay empty, so the rate is the steady one.
+  """
+  samples = {name: [] for name in makers}
   for _ in range(repeats):
-    for name, iterator in pipelines.items():
+    for name, make in makers.items():
+      iterator = make()
+      for _ in range(warmup):
+        next(iterator)
       wall, cpu = time.perf_counter(), _cpu_seconds()
       for _ in range(batches):
         next(iterator)
       wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
+      del iterator
       samples[name].append((batches * batch_size / wall, batches * batch_size / cpu))
   return {name: {'img_per_s': statistics.median(s[0] for s in rows),
                  'img_per_s_per_core': statistics.median(s[1] for s in rows),
@@ -139,13 +142,14 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument('--work-dir', default='/tmp/repmlp_bench_input',
                       help='where the generated folder is written (reused when present)')
   parser.add_argument('--train-images', type=int, default=512)
-  parser.add_argument('--val-images', type=int, default=128)
+  parser.add_argument('--val-images', type=int, default=512)
   parser.add_argument('--pipelines', nargs='+', default=list(PIPELINES), choices=PIPELINES)
   parser.add_argument('--batch-size', type=int, default=32)
   parser.add_argument('--image-size', type=int, default=224)
-  parser.add_argument('--batches', type=int, default=8, help='batches per timed repeat')
+  parser.add_argument('--batches', type=int, default=10,
+                      help='batches per timing (eval: at most val-images / batch-size - warmup)')
   parser.add_argument('--repeats', type=int, default=3)
-  parser.add_argument('--warmup', type=int, default=4, help='batches before timing')
+  parser.add_argument('--warmup', type=int, default=2, help='batches before timing')
   parser.add_argument('--json', default=None, help='also write the results here')
   args = parser.parse_args(argv)
 
@@ -153,10 +157,10 @@ def main(argv: list[str] | None = None) -> dict:
   tf.config.set_visible_devices([], 'GPU')
   image_dir = args.image_dir or make_image_folder(
       args.work_dir, train=args.train_images, val=args.val_images)
-  pipelines = make_pipelines(args.pipelines, image_dir, batch_size=args.batch_size,
-                             image_size=args.image_size)
-  results = measure(pipelines, batch_size=args.batch_size, batches=args.batches,
-                    repeats=args.repeats, warmup=args.warmup)
+  makers = pipeline_makers(image_dir, batch_size=args.batch_size, image_size=args.image_size)
+  results = measure({name: makers[name] for name in args.pipelines},
+                    batch_size=args.batch_size, batches=args.batches, repeats=args.repeats,
+                    warmup=args.warmup)
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
   print(f'{cores} cores, load average {load:.1f}, batch {args.batch_size}, '

@@ -113,6 +113,9 @@ def test_train_loop_runs_on_the_service(service, tmp_path):
   from configs import digits
   from repmlp_jax.train import trainer
   config = digits.get_config()
+  # Two stages of the tiny variant: the model compiles in a fraction of the digits model's time.
+  config.model_overrides.update(channels=(8, 16), depths=(1, 1), partitions=(4, 2),
+                                sharesets=(2, 4))
   config.num_train_steps = 3
   config.eval_every_epochs = 100.0
   config.checkpoint_every_steps = 3
