@@ -262,3 +262,14 @@ def test_eval_resizes_shorter_side_then_center_crops():
   np.testing.assert_allclose(to_pixels(full), np.arange(64, 192), atol=0.01)
   # 112 / 128: resize to 128 x 256 (unchanged) and crop the middle 112 columns.
   np.testing.assert_allclose(to_pixels(cropped), np.arange(72, 184), atol=0.01)
+
+
+def test_normalization_is_exactly_the_float32_formula():
+  image = np.random.default_rng(0).integers(0, 256, (7, 5, 3), np.uint8)
+  p = preprocess.Preprocess()
+  expected = ((image.astype(np.float32) / np.float32(255) - np.float32(p.mean))
+              / np.float32(p.std))
+  np.testing.assert_array_equal(preprocess._normalize(tf.constant(image), p), expected)
+  dynamic = tf.function(lambda x: preprocess._normalize(x, p),
+                        input_signature=[tf.TensorSpec((None, None, 3), tf.uint8)])
+  np.testing.assert_array_equal(dynamic(tf.constant(image)), expected)
