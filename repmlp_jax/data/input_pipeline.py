@@ -39,7 +39,9 @@ stateless seed derived from the same triple and i. An epoch is
 `examples_per_process // batch_size` steps (the per-epoch remainder is dropped, as PyTorch's
 drop_last). `create_split(..., start_step=k)` starts at epoch k // steps_per_epoch and skips
 the already-consumed examples of that epoch before decoding, so the batches are exactly those
-an uninterrupted run would have produced from step k on.
+an uninterrupted run would have produced from step k on. With a tf.data service
+(`data_service_address`, repmlp_jax.data.service) epochs hold the same examples but their order
+depends on the workers' timing; `_service_epoch` says what that means for resuming.
 
 Eval reads every example of the split exactly once: each process pads its slice with
 mask=False examples up to ceil(num_examples / (process_count * batch_size)) batches, the same
@@ -380,7 +382,8 @@ def create_split(
   def epoch_batches(epoch: int, skip: int) -> tf.data.Dataset:
     shuffle_seed, augment_seed = _epoch_seeds(seed, epoch, process_index)
     records = source.read(split, **shard, drop_remainder=True, shuffle_seed=shuffle_seed,
-                          shuffle_buffer=shuffle_buffer, split_by_service=bool(data_service_address))
+                          shuffle_buffer=shuffle_buffer,
+                          split_by_service=bool(data_service_address))
     if data_service_address:
       return _service_epoch(records, source, train_image, augment_seed,
                             address=data_service_address, batch_size=batch_size,

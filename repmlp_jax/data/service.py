@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
   worker.add_argument('--dispatcher', required=True, help='host:port of the dispatcher')
   worker.add_argument('--port', type=int, default=5051)
   worker.add_argument('--worker_address', default=None,
-                      help="host:port trainers use to reach this worker (default: this host's name)")
+                      help="host:port trainers use to reach this worker "
+                           "(default: this host's name and --port)")
   return parser
 
 
@@ -86,9 +87,10 @@ def main(argv: list[str] | None = None) -> None:
   tf.config.set_visible_devices([], 'GPU')  # The preprocessing runs on CPUs; leave GPUs alone.
   if args.role == 'dispatcher':
     server = start_dispatcher(args.port, work_dir=args.work_dir)
+    print(f'tf.data service dispatcher serving at {server.target}.', flush=True)
   else:
     server = start_worker(args.dispatcher, args.port, worker_address=args.worker_address)
-  print(f'tf.data service {args.role} serving on port {args.port}.', flush=True)
+    print(f'tf.data service worker serving on port {args.port}.', flush=True)
   server.join()
 
 
