@@ -112,6 +112,21 @@ def test_pixel_ops_match_pil_at_every_level(name):
       np.testing.assert_array_equal(out, expected, err_msg=f'{name} level {level}')
 
 
+@pytest.mark.parametrize('name', ['TranslateXRel', 'TranslateYRel'])
+def test_translations_equal_the_projective_transform(name):
+  # Translations are computed by rows; they must equal TF's projective transform bit for bit.
+  image = np.random.default_rng(3).integers(0, 256, (36, 44, 3), np.uint8)
+  size = image.shape[1] if name == 'TranslateXRel' else image.shape[0]
+  for level in range(15):
+    for negate in (False, True):
+      fraction = tf.constant(float(level)) / randaugment.MAX_LEVEL * 0.45
+      pixels = randaugment._signed(fraction, tf.constant(negate)) * float(size)
+      offset = tf.stack([pixels, 0.0] if name == 'TranslateXRel' else [0.0, pixels])
+      expected = randaugment._pil_affine(tf.constant(image), tf.eye(2), offset).numpy()
+      out = randaugment.apply_op(tf.constant(image), name, float(level), negate=negate).numpy()
+      np.testing.assert_array_equal(out, expected, err_msg=f'{name} level {level} {negate}')
+
+
 def test_cutout_keeps_every_pixel_outside_the_hole():
   image = np.random.default_rng(2).integers(0, 100, (30, 26, 3), np.uint8)
   for level, seed in ((14.0, (1, 2)), (3.0, (5, 6)), (0.0, (7, 8))):
