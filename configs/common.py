@@ -41,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Fields of repmlp_jax.data.preprocess.Preprocess replacing the data set's default recipe.
   config.preprocess_overrides = ml_collections.ConfigDict()
   config.shuffle_buffer = 16_384
+  # 'grpc://host:port' of a tf.data service dispatcher: training preprocessing runs on its
+  # workers (python -m repmlp_jax.data.service; README, Input pipeline). Evaluation stays local.
+  config.data_service_address = config_dict.placeholder(str)
 
   # Batches are global (all devices of all hosts together).
   config.global_batch_size = 256

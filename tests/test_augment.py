@@ -87,6 +87,57 @@ def test_op_matches_pil(name, level):
     np.testing.assert_array_equal(out, expected)
 
 
+def _edge_case_images() -> list[np.ndarray]:
+  """Images that exercise the table-driven ops' special cases."""
+  rng = np.random.default_rng(1)
+  full = rng.integers(0, 256, (24, 20, 3), np.uint8)
+  flat_channel = full.copy()
+  flat_channel[..., 1] = 77  # AutoContrast / Equalize leave a constant channel alone.
+  two_values = np.where(rng.random((24, 20, 3)) < 0.9, 10, 200).astype(np.uint8)
+  narrow = rng.integers(120, 124, (24, 20, 3), np.uint8)
+  return [full, flat_channel, two_values, narrow]
+
+
+@pytest.mark.parametrize('name', ['AutoContrast', 'Equalize', 'PosterizeTpu', 'Solarize',
+                                  'SolarizeAdd', 'Color', 'Contrast', 'Brightness'])
+def test_pixel_ops_match_pil_at_every_level(name):
+  # These ops are computed as lookup tables and matrix products: exact at every level.
+  levels = [0.0] if name in ('AutoContrast', 'Equalize') else [float(l) for l in range(15)]
+  if name == 'PosterizeTpu':
+    levels = levels[3:]  # Below 3 no bit is kept (a black image), which PIL refuses.
+  for image in _edge_case_images():
+    for level in levels:
+      expected = np.array(_pil_reference(name, Image.fromarray(image), level))
+      out = randaugment.apply_op(tf.constant(image), name, level).numpy()
+      np.testing.assert_array_equal(out, expected, err_msg=f'{name} level {level}')
+
+
+@pytest.mark.parametrize('name', ['TranslateXRel', 'TranslateYRel'])
+def test_translations_equal_the_projective_transform(name):
+  # Translations are computed by rows; they must equal TF's projective transform bit for bit.
+  image = np.random.default_rng(3).integers(0, 256, (36, 44, 3), np.uint8)
+  size = image.shape[1] if name == 'TranslateXRel' else image.shape[0]
+  for level in range(15):
+    for negate in (False, True):
+      fraction = tf.constant(float(level)) / randaugment.MAX_LEVEL * 0.45
+      pixels = randaugment._signed(fraction, tf.constant(negate)) * float(size)
+      offset = tf.stack([pixels, 0.0] if name == 'TranslateXRel' else [0.0, pixels])
+      expected = randaugment._pil_affine(tf.constant(image), tf.eye(2), offset).numpy()
+      out = randaugment.apply_op(tf.constant(image), name, float(level), negate=negate).numpy()
+      np.testing.assert_array_equal(out, expected, err_msg=f'{name} level {level} {negate}')
+
+
+def test_cutout_keeps_every_pixel_outside_the_hole():
+  image = np.random.default_rng(2).integers(0, 100, (30, 26, 3), np.uint8)
+  for level, seed in ((14.0, (1, 2)), (3.0, (5, 6)), (0.0, (7, 8))):
+    out = randaugment.apply_op(tf.constant(image), 'Cutout', level, seed=seed).numpy()
+    hole = np.all(out == randaugment.FILL, axis=-1)
+    np.testing.assert_array_equal(out[~hole], image[~hole])
+    rows, cols = np.nonzero(hole)
+    assert hole.sum() == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    assert max(rows.max() - rows.min(), cols.max() - cols.min()) + 1 <= max(2, level * 4)
+
+
 def test_cutout_fills_a_square_of_the_level_size():
   image = np.zeros((64, 64, 3), np.uint8)
   out = randaugment.apply_op(tf.constant(image), 'Cutout', 5.0, seed=(3, 4)).numpy()

@@ -262,3 +262,18 @@ def test_eval_resizes_shorter_side_then_center_crops():
   np.testing.assert_allclose(to_pixels(full), np.arange(64, 192), atol=0.01)
   # 112 / 128: resize to 128 x 256 (unchanged) and crop the middle 112 columns.
   np.testing.assert_allclose(to_pixels(cropped), np.arange(72, 184), atol=0.01)
+
+
+def test_normalization_is_exactly_the_float32_formula():
+  # In tf.data, where it runs (tf.function graphs may be rewritten by grappler, eager is exact).
+  image = np.random.default_rng(0).integers(0, 256, (7, 5, 3), np.uint8)
+  p = preprocess.Preprocess()
+  expected = ((image.astype(np.float32) / np.float32(255) - np.float32(p.mean))
+              / np.float32(p.std))
+  static = tf.data.Dataset.from_tensors(image)
+  dynamic = tf.data.Dataset.from_tensors(tf.io.encode_png(image)).map(  # A lossless decode.
+      lambda png: tf.io.decode_png(png, channels=3))
+  assert dynamic.element_spec.shape.as_list() == [None, None, 3]
+  for ds in (static, dynamic):
+    out = next(iter(ds.map(lambda x: preprocess._normalize(x, p)))).numpy()
+    np.testing.assert_array_equal(out, expected)

@@ -39,7 +39,9 @@ stateless seed derived from the same triple and i. An epoch is
 `examples_per_process // batch_size` steps (the per-epoch remainder is dropped, as PyTorch's
 drop_last). `create_split(..., start_step=k)` starts at epoch k // steps_per_epoch and skips
 the already-consumed examples of that epoch before decoding, so the batches are exactly those
-an uninterrupted run would have produced from step k on.
+an uninterrupted run would have produced from step k on. With a tf.data service
+(`data_service_address`, repmlp_jax.data.service) epochs hold the same examples but their order
+depends on the workers' timing; `_service_epoch` says what that means for resuming.
 
 Eval reads every example of the split exactly once: each process pads its slice with
 mask=False examples up to ceil(num_examples / (process_count * batch_size)) batches, the same
@@ -125,7 +127,9 @@ class _Source(Protocol):
     ...
 
   def read(self, split: str, *, process_index: int, process_count: int, drop_remainder: bool,
-           shuffle_seed: int | None, shuffle_buffer: int) -> tf.data.Dataset:
+           shuffle_seed: int | None, shuffle_buffer: int,
+           split_by_service: bool = False) -> tf.data.Dataset:
+    """split_by_service: the tf.data service splits the result among its workers."""
     ...
 
   def load(self, record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -180,12 +184,15 @@ class _TfdsSource:
         drop_remainder=drop_remainder))
 
   def read(self, split: str, *, process_index: int, process_count: int, drop_remainder: bool,
-           shuffle_seed: int | None, shuffle_buffer: int) -> tf.data.Dataset:
+           shuffle_seed: int | None, shuffle_buffer: int,
+           split_by_service: bool = False) -> tf.data.Dataset:
     subsplit = tfds.split_for_jax_process(
         split, process_index=process_index, process_count=process_count,
         drop_remainder=drop_remainder)
     # A fresh dataset per epoch is read once, so tfds's automatic cache would only cost memory.
-    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False)
+    # Split among service workers, each sees only some files: the count check would fail.
+    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False,
+                                  assert_cardinality=not split_by_service)
     ds = self._as_dataset(subsplit, shuffle_files=shuffle_seed is not None,
                           read_config=read_config)
     ds = ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
@@ -218,8 +225,9 @@ class _ArraySource:
     return end - start
 
   def read(self, split: str, *, process_index: int, process_count: int, drop_remainder: bool,
-           shuffle_seed: int | None, shuffle_buffer: int) -> tf.data.Dataset:
-    del shuffle_buffer  # The whole slice is permuted: it is in memory anyway.
+           shuffle_seed: int | None, shuffle_buffer: int,
+           split_by_service: bool = False) -> tf.data.Dataset:
+    del shuffle_buffer, split_by_service  # The whole slice is permuted: it is in memory anyway.
     images, labels = self._split(split)
     order = np.arange(*_even_range(len(labels), process_index, process_count, drop_remainder))
     if shuffle_seed is not None:
@@ -317,6 +325,7 @@ def create_split(
     shuffle_buffer: int = 16_384,
     process_index: int | None = None,
     process_count: int | None = None,
+    data_service_address: str | None = None,
 ) -> Iterator[Batch]:
   """This process's batches of one split.
 
@@ -334,6 +343,9 @@ def create_split(
     shuffle_buffer: tf.data shuffle buffer after tfds file shuffling (in-memory data sets are
       fully permuted instead).
     process_index, process_count: this process and how many read the data; default jax's.
+    data_service_address: train only: 'grpc://host:port' of a tf.data service dispatcher
+      (repmlp_jax.data.service); the decoding and augmentation then run on its workers. See
+      `_service_epoch` for what stays and what changes.
 
   Returns:
     Iterator of dicts: 'image' float32 (batch_size, image_size, image_size, 3), normalized;
@@ -348,6 +360,8 @@ def create_split(
     raise ValueError('batch_size and image_size must be >= 1, seed and start_step >= 0.')
   if not train and start_step:
     raise ValueError('start_step is for training; evaluation always reads the whole split.')
+  if not train and data_service_address:
+    raise ValueError('data_service_address is for training; evaluation runs locally.')
   source = _source(name, data_dir)
   split = split or (source.info.train_split if train else source.info.eval_split)
   p = preprocess or default_preprocess(name)
@@ -368,7 +382,12 @@ def create_split(
   def epoch_batches(epoch: int, skip: int) -> tf.data.Dataset:
     shuffle_seed, augment_seed = _epoch_seeds(seed, epoch, process_index)
     records = source.read(split, **shard, drop_remainder=True, shuffle_seed=shuffle_seed,
-                          shuffle_buffer=shuffle_buffer)
+                          shuffle_buffer=shuffle_buffer,
+                          split_by_service=bool(data_service_address))
+    if data_service_address:
+      return _service_epoch(records, source, train_image, augment_seed,
+                            address=data_service_address, batch_size=batch_size,
+                            steps=steps_per_epoch - skip // batch_size)
 
     def prepare(index: tf.Tensor, record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
       record = source.load(record)
@@ -391,6 +410,39 @@ def create_split(
       yield from epoch_batches(epoch, 0).as_numpy_iterator()
 
   return batches()
+
+
+def _service_epoch(records: tf.data.Dataset, source: _Source, train_image, augment_seed: int, *,
+                   address: str, batch_size: int, steps: int) -> tf.data.Dataset:
+  """One epoch whose decoding and augmentation run on tf.data service workers.
+
+  The dispatcher splits this process's records among the workers as they ask for work (dynamic
+  sharding), so every example of the epoch is processed exactly once, but the order in which
+  they arrive depends on the workers' timing. Hence:
+  - each epoch holds the same examples as the local pipeline's (same shuffle seeds, same share
+    of this process), batched in arrival order;
+  - an example's augmentation seed comes from the epoch's seed and a fingerprint of the example
+    (its file path or encoded bytes), not from its position, which no worker knows;
+  - resuming at step k starts epoch k // steps_per_epoch afresh and takes only its remaining
+    batches: epoch boundaries and the step count are those of the uninterrupted run, but the
+    examples of the interrupted epoch's remaining batches are a timing-dependent subset of the
+    epoch, not exactly the ones the interrupted run had not reached. Later epochs are whole.
+  """
+
+  def prepare(record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    key = record['image']
+    if key.dtype != tf.string:
+      key = tf.io.serialize_tensor(key)
+    fingerprint = tf.strings.to_hash_bucket_fast(key, 2**62)
+    record = source.load(record)
+    example_seed = tf.stack([tf.constant(augment_seed, tf.int64), fingerprint])
+    return {'image': train_image(record['image'], example_seed),
+            'label': tf.cast(record['label'], tf.int32)}
+
+  ds = records.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.apply(tf.data.experimental.service.distribute(
+      processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC, service=address))
+  return ds.batch(batch_size, drop_remainder=True).take(steps).prefetch(tf.data.AUTOTUNE)
 
 
 def _eval_batches(source: _Source, split: str, shard: dict[str, int], *, batch_size: int,

@@ -55,9 +55,42 @@ def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Ten
 
 
 def _grayscale(image: tf.Tensor) -> tf.Tensor:
-  """PIL's convert('L') with its fixed-point rounding, as int32 (H, W)."""
-  rgb = tf.cast(image, tf.int32)
-  return (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) // 65536
+  """PIL's convert('L') with its fixed-point rounding, as float32 (H, W, 1) of whole numbers.
+
+  (r * 19595 + g * 38470 + b * 7471 + 0x8000) // 65536 as one small matmul: every partial sum
+  is a whole number below 2**24, so float32 computes it exactly.
+  """
+  weights = tf.constant([[19595.0], [38470.0], [7471.0]])
+  weighted = tf.reshape(tf.matmul(tf.reshape(tf.cast(image, tf.float32), [-1, 3]), weights),
+                        tf.concat([tf.shape(image)[:2], [1]], 0))
+  return tf.floor((weighted + 0x8000) / 65536.0)
+
+
+def _full_shape(values: tf.Tensor, image: tf.Tensor) -> tf.Tensor:
+  """Per-channel values (3,) spelled out to the image's shape.
+
+  TF's element-wise ops are several times slower when they broadcast a (3,) operand over an
+  (H, W, 3) image than on operands of equal shape, so the ops below never do.
+  """
+  if image.shape.is_fully_defined():
+    return tf.tile(values[None, None], [image.shape[0], image.shape[1], 1])
+  return tf.tile(values[None, None], tf.concat([tf.shape(image)[:2], [1]], 0))
+
+
+def _apply_luts(image: tf.Tensor, luts: tf.Tensor) -> tf.Tensor:
+  """image[..., c] -> luts[c][image[..., c]]: a point op as one gather (luts: uint8 (3, 256))."""
+  offsets = _full_shape(tf.constant([0, 256, 512]), image)
+  return tf.gather(tf.reshape(luts, [-1]), tf.cast(image, tf.int32) + offsets)
+
+
+def _apply_lut(image: tf.Tensor, lut: tf.Tensor) -> tf.Tensor:
+  """image -> lut[image], the same uint8 (256,) table for every channel."""
+  return tf.gather(lut, tf.cast(image, tf.int32))
+
+
+def _values() -> tf.Tensor:
+  """Every uint8 value 0..255 as int32, the domain of a lookup table."""
+  return tf.range(256)
 
 
 def _pil_affine(image: tf.Tensor, matrix: tf.Tensor, offset: tf.Tensor) -> tf.Tensor:
@@ -94,29 +127,31 @@ def _enhance_factor(level: tf.Tensor) -> tf.Tensor:
 def _auto_contrast(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor,
                    seed: tf.Tensor) -> tf.Tensor:
   del level, negate, seed
-  x = tf.cast(image, tf.float32)
-  lo = tf.reduce_min(x, axis=[0, 1])
-  hi = tf.reduce_max(x, axis=[0, 1])
+  pixels = tf.reshape(image, [-1, 3])
+  lo = tf.cast(tf.reduce_min(pixels, axis=0), tf.float32)[:, None]
+  hi = tf.cast(tf.reduce_max(pixels, axis=0), tf.float32)[:, None]
   scale = 255.0 / tf.maximum(hi - lo, 1.0)
-  out = tf.floor(tf.clip_by_value((x - lo) * scale, 0.0, 255.0))
+  values = tf.cast(_values(), tf.float32)[None]
+  luts = tf.floor(tf.clip_by_value((values - lo) * scale, 0.0, 255.0))
   # PIL leaves a constant channel untouched.
-  return tf.where(hi > lo, tf.cast(out, tf.uint8), image)
-
-
-def _equalize_channel(channel: tf.Tensor) -> tf.Tensor:
-  """PIL's ImageOps.equalize on one int32 (H, W) channel."""
-  hist = tf.math.bincount(channel, minlength=256, maxlength=256)
-  last_nonzero = hist[255 - tf.argmax(tf.cast(tf.reverse(hist, [0]) > 0, tf.int32))]
-  step = (tf.reduce_sum(hist) - last_nonzero) // 255
-  lut = (tf.cumsum(hist, exclusive=True) + step // 2) // tf.maximum(step, 1)
-  lut = tf.minimum(lut, 255)
-  return tf.where(step > 0, tf.gather(lut, channel), channel)
+  luts = tf.where(hi > lo, luts, values)
+  return _apply_luts(image, tf.cast(luts, tf.uint8))
 
 
 def _equalize(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """PIL's ImageOps.equalize: per channel, a lookup table from the channel's histogram."""
   del level, negate, seed
-  x = tf.cast(image, tf.int32)
-  return tf.cast(tf.stack([_equalize_channel(x[..., c]) for c in range(3)], -1), tf.uint8)
+  # One bincount for the three channels: channel c counts in bins 256 c .. 256 c + 255.
+  offsets = _full_shape(tf.constant([0, 256, 512]), image)
+  hist = tf.reshape(tf.math.bincount(tf.cast(image, tf.int32) + offsets, minlength=768,
+                                     maxlength=768), [3, 256])
+  last = 255 - tf.argmax(tf.cast(tf.reverse(hist, [1]) > 0, tf.int32), axis=1, output_type=tf.int32)
+  last_nonzero = tf.gather(hist, last, batch_dims=1)
+  step = ((tf.reduce_sum(hist, axis=1) - last_nonzero) // 255)[:, None]
+  luts = tf.minimum((tf.cumsum(hist, axis=1, exclusive=True) + step // 2) // tf.maximum(step, 1),
+                    255)
+  luts = tf.where(step > 0, luts, _values()[None])  # A channel of (nearly) one value is kept.
+  return _apply_luts(image, tf.cast(luts, tf.uint8))
 
 
 def _invert(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
@@ -135,6 +170,9 @@ def _rotate(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor, seed: tf.Tens
   return _pil_affine(image, matrix, centre - tf.linalg.matvec(matrix, centre))
 
 
+# Point ops (each output pixel a function of the same input pixel) are lookup tables.
+
+
 def _posterize(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   del negate, seed
   shift = 8 - tf.cast(level / MAX_LEVEL * 4.0, tf.int32)  # bits to drop; 8 keeps nothing
@@ -145,26 +183,28 @@ def _posterize(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor, seed: tf.T
 def _solarize(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   del negate, seed
   threshold = tf.cast(level / MAX_LEVEL * 256.0, tf.int32)
-  return tf.where(tf.cast(image, tf.int32) >= threshold, 255 - image, image)
+  return _apply_lut(image, tf.cast(tf.where(_values() >= threshold, 255 - _values(), _values()),
+                                   tf.uint8))
 
 
 def _solarize_add(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor,
                   seed: tf.Tensor) -> tf.Tensor:
   del negate, seed
   add = tf.cast(level / MAX_LEVEL * 110.0, tf.int32)
-  x = tf.cast(image, tf.int32)
-  return tf.cast(tf.where(x < 128, tf.minimum(x + add, 255), x), tf.uint8)
+  lut = tf.where(_values() < 128, tf.minimum(_values() + add, 255), _values())
+  return _apply_lut(image, tf.cast(lut, tf.uint8))
 
 
 def _color(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   del negate, seed
-  gray = tf.repeat(_grayscale(image)[..., None], 3, axis=-1)
+  gray = _grayscale(image)
+  gray = tf.reshape(tf.matmul(tf.reshape(gray, [-1, 1]), tf.ones([1, 3])), tf.shape(image))
   return _blend(gray, image, _enhance_factor(level))
 
 
 def _contrast(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   del negate, seed
-  mean = tf.floor(tf.reduce_mean(tf.cast(_grayscale(image), tf.float32)) + 0.5)
+  mean = tf.floor(tf.reduce_mean(_grayscale(image)) + 0.5)
   return _blend(tf.fill(tf.shape(image), mean), image, _enhance_factor(level))
 
 
@@ -198,18 +238,42 @@ def _shear_y(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor, seed: tf.Ten
   return _pil_affine(image, tf.stack([[1.0, 0.0], tf.stack([factor, 1.0])]), tf.zeros([2]))
 
 
+def _translate_rows(image: tf.Tensor, pixels: tf.Tensor) -> tf.Tensor:
+  """_pil_affine of a vertical translation by `pixels`, computed row by row: the same result.
+
+  With an integer column coordinate, TF's projective transform reduces to a blend of two source
+  rows with per-row weights, in exactly these float32 operations (source row y + pixels, weights
+  ceil - y and y - floor, fill outside the image). Gathering whole rows is several times
+  cheaper than the per-pixel transform.
+  """
+  height = tf.shape(image)[0]
+  x = tf.cast(image, tf.float32)
+  padded = tf.pad(x, [[1, 1], [0, 0], [0, 0]], constant_values=float(FILL))
+  source = tf.range(tf.cast(height, tf.float32)) + pixels
+  floor = tf.floor(source)
+  row = tf.cast(floor, tf.int32)
+  above = tf.gather(padded, tf.clip_by_value(row, -1, height) + 1)
+  below = tf.gather(padded, tf.clip_by_value(row + 1, -1, height) + 1)
+  # Weights spelled out to the image's shape: a broadcasting multiply would cost more.
+  reps = tf.stack([1, tf.shape(image)[1], 3])
+  weight_above = tf.tile(((floor + 1.0) - source)[:, None, None], reps)
+  weight_below = tf.tile((source - floor)[:, None, None], reps)
+  out = weight_above * above + weight_below * below
+  return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+
+
 def _translate_x_rel(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor,
                      seed: tf.Tensor) -> tf.Tensor:
   del seed
   pixels = _signed(level / MAX_LEVEL * 0.45, negate) * tf.cast(tf.shape(image)[1], tf.float32)
-  return _pil_affine(image, tf.eye(2), tf.stack([pixels, 0.0]))
+  return tf.transpose(_translate_rows(tf.transpose(image, [1, 0, 2]), pixels), [1, 0, 2])
 
 
 def _translate_y_rel(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor,
                      seed: tf.Tensor) -> tf.Tensor:
   del seed
   pixels = _signed(level / MAX_LEVEL * 0.45, negate) * tf.cast(tf.shape(image)[0], tf.float32)
-  return _pil_affine(image, tf.eye(2), tf.stack([0.0, pixels]))
+  return _translate_rows(image, pixels)
 
 
 def _cutout(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
@@ -219,11 +283,14 @@ def _cutout(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor, seed: tf.Tens
   y_seed, x_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   centre_y = tf.random.stateless_uniform([], y_seed, 0, height, tf.int32)
   centre_x = tf.random.stateless_uniform([], x_seed, 0, width, tf.int32)
-  rows = tf.range(height)[:, None]
-  cols = tf.range(width)[None, :]
-  hole = ((rows >= centre_y - half) & (rows < centre_y + half)
-          & (cols >= centre_x - half) & (cols < centre_x + half))
-  return tf.where(hole[..., None], tf.constant(FILL, tf.uint8), image)
+  top, bottom = tf.maximum(centre_y - half, 0), tf.minimum(centre_y + half, height)
+  left, right = tf.maximum(centre_x - half, 0), tf.minimum(centre_x + half, width)
+  # The hole as padding around a block: no broadcasting select over the whole image.
+  around = [[top, height - bottom], [left, width - right], [0, 0]]
+  block = [bottom - top, right - left, 3]
+  keep = tf.pad(tf.zeros(block, tf.uint8), around, constant_values=1)
+  fill = tf.pad(tf.fill(block, tf.constant(FILL, tf.uint8)), around)
+  return image * keep + fill
 
 
 # The official `_RAND_TRANSFORMS`, in its order.

@@ -63,7 +63,8 @@ def _train_batches(config, start_step: int) -> Iterator[dict[str, np.ndarray]]:
       config.dataset, train=True,
       batch_size=_local_batch_size(config.global_batch_size, 'global_batch_size'),
       image_size=config.image_size, data_dir=config.data_dir, seed=config.seed,
-      start_step=start_step, preprocess=_preprocess(config), shuffle_buffer=config.shuffle_buffer)
+      start_step=start_step, preprocess=_preprocess(config), shuffle_buffer=config.shuffle_buffer,
+      data_service_address=config.get('data_service_address'))
 
 
 def _eval_batches(config, batch_sharding) -> Iterator[dict[str, jax.Array]]:
