@@ -18,6 +18,7 @@ import argparse
 import sys
 
 from repmlp_jax import convert as convert_lib
+from repmlp_jax.pytorch import mapping
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='also write the deploy form to DEPLOY_DIR')
   imp.add_argument('--ema', action='store_true', help="use the checkpoint's EMA weights")
   imp.add_argument('--overwrite', action='store_true', help='replace existing output directories')
+  imp.add_argument('--verbose', action='store_true', help='on a key mismatch, list every key')
 
   rep = commands.add_parser('reparam', help='training form -> deploy-form orbax checkpoint.')
   rep.add_argument('src', help='an orbax checkpoint directory of this package, or a .pth file')
@@ -43,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
   rep.add_argument('--model', help='variant of a .pth file (default: detected)')
   rep.add_argument('--ema', action='store_true', help="use a .pth file's EMA weights")
   rep.add_argument('--overwrite', action='store_true', help='replace an existing output directory')
+  rep.add_argument('--verbose', action='store_true', help='on a key mismatch, list every key')
 
   exp = commands.add_parser('export', help='orbax checkpoint directory -> PyTorch .pth.')
   exp.add_argument('src_dir', help='a checkpoint directory of this package (either form)')
@@ -57,7 +60,12 @@ def main(argv=None) -> int:
   try:
     lines = run(args)
   except (ValueError, OSError, ImportError) as e:  # Bad input: say what and why, no traceback.
-    print(f'convert.py {args.command}: error: {e}', file=sys.stderr)
+    message = str(e)
+    if isinstance(e, mapping.KeyMismatchError):
+      message = e.describe(verbose=getattr(args, 'verbose', False))
+      if e.truncated and not getattr(args, 'verbose', False):
+        message += ' --verbose lists every key.'
+    print(f'convert.py {args.command}: error: {message}', file=sys.stderr)
     return 1
   print('\n'.join(lines))
   return 0

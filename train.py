@@ -48,7 +48,10 @@ ImageNet end to end
 Fine-tuning from an imported checkpoint: configs/finetune_b224.py.
 """
 
+import difflib
+import glob
 import os
+import re
 import sys
 
 from absl import app
@@ -67,25 +70,104 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processe
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
+EXIT_USAGE = 2  # repmlp_jax.cli.EXIT_USAGE; importing repmlp_jax would load jax before parsing.
+_HELP = {'-h': True, '--help': True, '-?': True, '--helpshort': True, '--helpfull': False}
+
+
+def _usage_error(message: str) -> None:
+  print(f'train.py: error: {message}', file=sys.stderr)
+  sys.exit(EXIT_USAGE)
+
+
+def _nearest(name: str, choices) -> str:
+  close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+  return f'; did you mean {close[0]}?' if close else ''
+
+
+def _unknown_field(argv: list[str], error: BaseException) -> str:
+  """One line for an override of a field the config does not have (config_flags' AttributeError).
+
+  ml_collections puts the field and its nearest valid name in the message, escaped; the
+  command line tells the full dotted path.
+  """
+  found = re.search(r'Did you mean "(.+?)" instead of "(.+?)"', str(error).replace('\\', ''))
+  name = found.group(2) if found else str(error).strip('\'"')
+  dotted = next((a[len('--config.'):].split('=', 1)[0] for a in argv
+                 if a.startswith('--config.') and a.split('=', 1)[0].endswith(name)), name)
+  hint = f'; did you mean {dotted[:-len(name)]}{found.group(1)}?' if found else ''
+  return f'unknown config field {dotted} (--config.{dotted}){hint}'
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with one-line errors and --help exiting 0 (before jax or TF load)."""
+  for arg in argv[1:]:
+    if arg in _HELP:
+      app.usage(shorthelp=_HELP[arg], writeto_stdout=True)
+      sys.exit(0)
+  try:
+    rest = flags.FLAGS(argv)
+  except SyntaxError as e:  # A config file that does not parse.
+    _config_file_error(argv, e)
+  except (flags.Error, AttributeError, KeyError) as e:
+    # config_flags raises AttributeError for an override of an unknown field.
+    if isinstance(e, (AttributeError, KeyError)):
+      _usage_error(_unknown_field(argv, e))
+    if isinstance(e, flags.UnrecognizedFlagError):
+      _usage_error(f'unknown flag --{e.flagname}' + _nearest(e.flagname, flags.FLAGS))
+    _usage_error(str(e).strip().splitlines()[0])
+  try:
+    _CONFIG.value.keys()  # A config file that failed to load raises here, not deep in training.
+  except (OSError, ImportError, AttributeError) as e:
+    _config_file_error(argv, e)
+  return rest
+
+
+def _config_file_error(argv: list[str], e: BaseException) -> None:
+  path = next((b if a == '--config' else a[len('--config='):]
+               for a, b in zip(argv, argv[1:] + [''])
+               if a == '--config' or a.startswith('--config=')), '')
+  if not os.path.isfile(path.split(':', 1)[0]):
+    known = glob.glob(os.path.join(os.path.dirname(path) or 'configs', '*.py'))
+    close = difflib.get_close_matches(path, known, n=1, cutoff=0.75)
+    example = f'did you mean {close[0]}?' if close else 'e.g. --config configs/digits.py'
+    _usage_error(f'no config file at {path} (--config); {example}')
+  cause = e.__cause__ or e
+  where = f' (line {cause.lineno})' if isinstance(cause, SyntaxError) else ''
+  _usage_error(f'cannot load the config {path}{where}: {type(cause).__name__}: '
+               f'{str(cause).strip().splitlines()[0]}')
+
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    _usage_error(f'unexpected arguments: {" ".join(argv[1:])}')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 shows it.
+  from repmlp_jax import cli  # pylint: disable=g-import-not-at-top
+  from repmlp_jax import outputs  # pylint: disable=g-import-not-at-top
+  try:  # Before any data is read or anything compiles.
+    workdir = outputs.check_workdir(_WORKDIR.value)
+  except OSError as e:
+    cli.error('train.py', e)
+    return cli.EXIT_ERROR
   import jax  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = cli.import_tensorflow_quietly()
   # The input pipeline runs on the CPU: leave accelerator memory to JAX.
   tf.config.set_visible_devices([], 'GPU')
   if _MULTIHOST.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from repmlp_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  if result.get('preempted'):
-    sys.exit(f'Stopped at step {result["step"]}; rerun the same command to resume.')
+  try:
+    result = trainer.train_and_evaluate(_CONFIG.value, workdir)
+  except trainer.USER_ERRORS as e:  # Said in one line; the traceback would only bury it.
+    if flags.FLAGS['verbosity'].present:
+      raise  # Asked for detail: the whole traceback.
+    cli.error('train.py', e)
+    return cli.EXIT_ERROR
+  # The trainer has printed the one line that says where it stopped and how to resume.
+  return cli.EXIT_STOPPED if result.get('preempted') else cli.EXIT_OK
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -10,20 +10,10 @@ from typing import Any
 import flax.linen as nn
 
 from repmlp_jax import model_io
+from repmlp_jax import outputs
 from repmlp_jax.reparameterize import deploy as reparameterize
 from repmlp_jax.pytorch import exporter as torch_export
 from repmlp_jax.pytorch import importer as torch_import
-
-
-def _check_new_output(path: str | os.PathLike, overwrite: bool = False) -> str:
-  path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f'{path} already exists; choose another output path'
-                          + (' or pass --overwrite.' if os.path.isdir(path) else '.'))
-  parent = os.path.dirname(path)
-  if not os.path.isdir(parent):
-    raise FileNotFoundError(f'The output directory {parent} does not exist.')
-  return path
 
 
 def _form(model: nn.Module) -> str:
@@ -50,9 +40,9 @@ def import_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
   if deploy and reparam_dir is not None:
     raise ValueError('--deploy writes the deploy form to OUT_DIR; --reparam DEPLOY_DIR writes it '
                      'next to the training form. Use one of them.')
-  out_dir = _check_new_output(out_dir, overwrite)
+  out_dir = outputs.check_new_output(out_dir, overwrite=overwrite)
   if reparam_dir is not None:
-    reparam_dir = _check_new_output(reparam_dir, overwrite)
+    reparam_dir = outputs.check_new_output(reparam_dir, overwrite=overwrite)
   result = torch_import.import_torch(src, name, deploy=True if deploy else None, use_ema=use_ema)
   if reparam_dir is not None and result.file_deploy:
     raise ValueError('The file already holds the deploy form; drop --reparam (the import '
@@ -70,6 +60,9 @@ def import_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
 def _load_any(src: str | os.PathLike, name: str | None, use_ema: bool) -> tuple[nn.Module, Any,
                                                                                 list[str]]:
   """An orbax checkpoint directory (ours) or a PyTorch file."""
+  if not os.path.exists(src):
+    raise FileNotFoundError(f'No checkpoint at {os.path.abspath(src)}: give a model directory of '
+                            'this package or a PyTorch .pth file.')
   if os.path.isdir(src):
     model, variables = model_io.load_model(src)
     return model, variables, [f'read {_form(model)} form: {os.path.abspath(src)}']
@@ -91,7 +84,7 @@ def reparam_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
   Returns:
     Lines describing what was read and written.
   """
-  out_dir = _check_new_output(out_dir, overwrite)
+  out_dir = outputs.check_new_output(out_dir, overwrite=overwrite)
   model, variables, lines = _load_any(src, name, use_ema)
   if model.deploy:
     raise ValueError(f'{src} already holds the deploy form; nothing to re-parameterize.')
@@ -111,7 +104,7 @@ def export_checkpoint(src_dir: str | os.PathLike, out_file: str | os.PathLike, *
   Returns:
     Lines describing what was read and written.
   """
-  out_file = _check_new_output(out_file)
+  out_file = outputs.check_new_output(out_file)
   if layout not in torch_export.LAYOUTS:
     raise ValueError(f'Unknown layout {layout!r}; choose one of {torch_export.LAYOUTS}.')
   model, variables = model_io.load_model(src_dir)

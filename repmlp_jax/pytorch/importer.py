@@ -103,6 +103,14 @@ def _resnet_for(sd: Mapping[str, np.ndarray], name: str | None) -> tuple[nn.Modu
   return models.create_model(name, deploy=deploy, **overrides), name
 
 
+def _named(model: nn.Module, name: str | None) -> str:
+  """A model by its variant name and form, or by its settings when it has no name."""
+  form = 'deploy' if model.deploy else 'training'
+  if name is None:
+    return f'a custom {repmlpnet_keys.describe(model)}'
+  return f'{models.resolve_name(name)} ({form} form)'
+
+
 def _is_resnet(sd: Mapping[str, Any]) -> bool:
   return 'stage0.0.conv.weight' in sd
 
@@ -129,8 +137,8 @@ def import_torch(path_or_state_dict: Any, name: str | None = None, *, deploy: bo
   except state_dict_mapping.KeyMismatchError as e:
     if detected is None or detected == model:
       raise
-    hint = (f'{repmlpnet_keys.describe(model)}; the file\'s shapes are those of '
-            f'{repmlpnet_keys.describe(detected)}, which loads without a name (--model)')
+    hint = (f'{_named(model, found)}; the file holds {_named(detected, repmlpnet_keys.detect(sd)[0])}'
+            ', which loads without a name (drop --model)')
     raise state_dict_mapping.KeyMismatchError(hint, e.missing, e.unexpected, e.misshaped) from None
   variables = jax.tree.map(jax.numpy.asarray, variables)
   result = TorchImport(model, variables, found, model.deploy, layout, file, False)
@@ -161,7 +169,7 @@ def load_torch(path_or_state_dict: Any, name: str | None = None, *, deploy: bool
     torch_files.CheckpointFileError: not a checkpoint, truncated, or would run code to load.
     state_dict_mapping.KeyMismatchError: every missing, unexpected and mis-shaped key.
     torch_keys_repmlpnet.DetectionError: the variant cannot be detected (pass `name`).
-    ImportError: PyTorch is not installed (`pip install 'repmlp-jax[torch]'`).
+    ImportError: PyTorch is not installed (the message says how: torch_files.TORCH_EXTRA).
   """
   result = import_torch(path_or_state_dict, name, deploy=deploy, use_ema=use_ema)
   return result.model, result.variables
