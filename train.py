@@ -153,7 +153,10 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   tf = cli.import_tensorflow_quietly()
   # The input pipeline runs on the CPU: leave accelerator memory to JAX.
-  tf.config.set_visible_devices([], 'GPU')
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:  # TF already initialised (a second run in one process): as it was set.
+    pass
   if _MULTIHOST.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
