@@ -69,6 +69,15 @@ def test_unwritable_workdir_fails_before_any_work(tmp_path):
                       'directory); choose another --workdir or fix its permissions.')
 
 
+def test_start_is_silent_and_a_run_error_is_one_line(tmp_path):
+  # Fails after jax and TensorFlow have loaded: their start-up lines would show here.
+  code, lines = run_train_py('--config', 'configs/digits.py', '--workdir', str(tmp_path),
+                             f'--config.data_dir={tmp_path}/nowhere')
+  assert code == 1 and len(lines) == 1, lines
+  assert lines[0].startswith(f"train.py: error: config.data_dir='{tmp_path}/nowhere' does not "
+                             'exist.')
+
+
 @pytest.fixture(name='training_file')
 def _training_file(tmp_path):
   path = tmp_path / 'tiny-train.pth'
