@@ -14,6 +14,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import orbax.checkpoint as ocp
 import pytest
 import torch
 from PIL import Image
@@ -38,8 +39,8 @@ def run_train_py(*args: str) -> tuple[int, list[str]]:
 
 
 @pytest.mark.parametrize('args, expected', [
-    (['--config', 'configs/digit.py'], 'no config file at configs/digit.py (--config); did you mean '
-     'configs/digits.py?'),
+    (['--config', 'configs/digit.py'],
+     'no config file at configs/digit.py (--config); did you mean configs/digits.py?'),
     (['--config', 'configs/digits.py', '--config.num_epoch=3'],
      'unknown config field num_epoch (--config.num_epoch); did you mean num_epochs?'),
     (['--config', 'configs/digits.py', '--config.model_overrides.chanels=3'],
@@ -180,15 +181,22 @@ def test_a_full_disk_leaves_one_line_and_no_partial_file(model_dir, tmp_path, ca
   def full(fd):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
+  async def full_orbax(self, directory, *args, **kwargs):  # After its temporary directory exists.
+    (directory / 'partial').write_bytes(b'0' * 1000)
+    full(None)
+
   monkeypatch.setattr(os, 'fsync', full)  # Where a full disk shows at the latest.
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, 'async_save', full_orbax)
   out = tmp_path / 'out'
   out.mkdir()
   assert convert.main(['export', model_dir, str(out / 'tiny.pth')]) == 1
   assert predict.main(['--checkpoint', model_dir, '--export', str(out / 'tiny.bin')]) == 2
+  assert convert.main(['reparam', model_dir, str(out / 'deploy')]) == 1
   err = capsys.readouterr().err.splitlines()
   assert err == [
       f'convert.py export: error: Cannot write {out}/tiny.pth: no space left on device.',
-      f'predict.py: error: Cannot write {out}/tiny.bin: no space left on device.']
+      f'predict.py: error: Cannot write {out}/tiny.bin: no space left on device.',
+      f'convert.py reparam: error: Cannot write {out}/deploy: no space left on device.']
   assert os.listdir(out) == []
 
 

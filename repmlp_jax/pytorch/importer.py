@@ -137,8 +137,9 @@ def import_torch(path_or_state_dict: Any, name: str | None = None, *, deploy: bo
   except state_dict_mapping.KeyMismatchError as e:
     if detected is None or detected == model:
       raise
-    hint = (f'{_named(model, found)}; the file holds {_named(detected, repmlpnet_keys.detect(sd)[0])}'
-            ', which loads without a name (drop --model)')
+    detected_name = repmlpnet_keys.detect(sd)[0]
+    hint = (f'{_named(model, found)}; the file holds {_named(detected, detected_name)}, which '
+            'loads without a name (drop --model)')
     raise state_dict_mapping.KeyMismatchError(hint, e.missing, e.unexpected, e.misshaped) from None
   variables = jax.tree.map(jax.numpy.asarray, variables)
   result = TorchImport(model, variables, found, model.deploy, layout, file, False)

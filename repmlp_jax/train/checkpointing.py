@@ -74,7 +74,8 @@ class Checkpoints:
       if os.path.exists(target):
         target += f'.{len(os.listdir(os.path.dirname(target)))}'
       os.rename(os.path.join(self.directory, str(step)), target)
-    multihost_utils.sync_global_devices('repmlp_jax set_aside')
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('repmlp_jax set_aside')
     self._manager.reload()
     return target
 

@@ -224,8 +224,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if save:
         checkpoints.save(step, state, metrics=eval_metrics)
       if stopping and step < steps.total:
-        bar.write(f'Stopped at step {step} on request; checkpoint saved in {checkpoints.directory}. '
-                  'Rerun the same command to resume.')
+        bar.write(f'Stopped at step {step} on request; checkpoint saved in '
+                  f'{checkpoints.directory}. Rerun the same command to resume.')
         return {'step': step, 'preempted': True}
 
     if eval_metrics is None:  # Resumed after the last step: evaluate what was restored.
