@@ -11,6 +11,7 @@ import signal
 import threading
 from typing import Any
 
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
@@ -59,8 +60,11 @@ class Checkpoints:
 
   def stored_shapes(self, step: int) -> Any:
     """The tree of array metadata (`.shape`, `.dtype`) that checkpoint `step` holds, unread."""
-    path = os.path.join(self.directory, str(step), _ITEM)
-    return ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    # The handler reads only the tree's metadata (a Checkpointer would also warn about the step
+    # metadata it looks for).
+    metadata = ocp.StandardCheckpointHandler().metadata(
+        epath.Path(self.directory) / str(step) / _ITEM)
+    return getattr(metadata, 'tree', metadata)
 
   def set_aside(self, step: int, folder: str) -> str:
     """Moves checkpoint `step` to `<workdir>/<folder>/<step>` (kept, no longer resumed from).

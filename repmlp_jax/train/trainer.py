@@ -6,6 +6,7 @@ Layout of a workdir:
   metrics.jsonl         train and eval scalars, one JSON object per logged step
   tensorboard/          the same scalars for TensorBoard
   config.json           the config of the latest start
+  damaged_checkpoints/  checkpoints that could not be read, set aside on resuming (recovery.py)
 
 Rerunning the same command resumes from the last checkpoint and continues exactly as an
 uninterrupted run would: the state holds the step and the rng (each step folds the step into
