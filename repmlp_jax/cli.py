@@ -24,10 +24,10 @@ EXIT_STOPPED = 75  # sysexits.h EX_TEMPFAIL.
 
 
 def error(prog: str, message: object, *, file: TextIO | None = None) -> None:
-  """Prints `prog: error: message` as one line (a multi-line message keeps its first line)."""
-  text = str(message).strip().splitlines()
-  print(f'{prog}: error: {text[0] if text else type(message).__name__}',
-        file=file or sys.stderr)
+  """Prints `prog: error: message` (the errors meant for users say it in one line; a key
+  mismatch report keeps its few lines)."""
+  text = str(message).strip() or type(message).__name__
+  print(f'{prog}: error: {text}', file=file or sys.stderr)
 
 
 @contextlib.contextmanager

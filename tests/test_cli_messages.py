@@ -182,6 +182,7 @@ def test_a_full_disk_leaves_one_line_and_no_partial_file(model_dir, tmp_path, ca
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
   async def full_orbax(self, directory, *args, **kwargs):  # After its temporary directory exists.
+    directory.mkdir(parents=True, exist_ok=True)
     (directory / 'partial').write_bytes(b'0' * 1000)
     full(None)
 
