@@ -182,8 +182,6 @@ def test_a_full_disk_leaves_one_line_and_no_partial_file(model_dir, tmp_path, ca
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
   async def full_orbax(self, directory, *args, **kwargs):  # After its temporary directory exists.
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / 'partial').write_bytes(b'0' * 1000)
     full(None)
 
   monkeypatch.setattr(os, 'fsync', full)  # Where a full disk shows at the latest.
@@ -217,3 +215,20 @@ def test_plain_progress_lines_when_not_a_terminal(monkeypatch):
   # Resumed at step 50: the rate counts only this start's steps after the first (1 step/s).
   assert lines[1] == 'step 52/100 (52%), 10.0 img/s, ETA 0:00:48, loss 2'
   assert lines[3] == 'step 54/100 (54%), 10.0 img/s, ETA 0:00:46, loss 2'
+
+
+def test_a_real_full_disk(model_dir, tmp_path, capsys):
+  """A 64 KiB tmpfs, where the test may mount one (root on Linux); the tiny model needs more."""
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', str(disk)],
+                           capture_output=True, check=False).returncode == 0
+  if not mounted:
+    pytest.skip('cannot mount a tmpfs here')
+  try:
+    assert convert.main(['reparam', model_dir, str(disk / 'deploy')]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f'convert.py reparam: error: Cannot write {disk}/deploy: no space left on device.']
+    assert os.listdir(disk) == []
+  finally:
+    subprocess.run(['umount', str(disk)], check=True)

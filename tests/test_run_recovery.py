@@ -157,16 +157,12 @@ def test_resumable_settings_may_change(two_checkpoints):
 
 
 def _full_disk(monkeypatch):
-  """Every orbax array write fails as on a full disk, after its temporary directory exists."""
-  original = ocp.StandardCheckpointHandler.async_save
+  """Every orbax array write fails as on a full disk (after orbax made its temporary directory)."""
 
   async def full(self, directory, *args, **kwargs):
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / 'partial').write_bytes(b'0' * 1000)
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / 'partial'))
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
 
   monkeypatch.setattr(ocp.StandardCheckpointHandler, 'async_save', full)
-  return original
 
 
 def test_full_disk_while_saving_then_resume(two_checkpoints, tmp_path, capsys, monkeypatch):
