@@ -13,6 +13,7 @@ import errno
 import os
 import shutil
 import tempfile
+import time
 from typing import Iterator
 
 # orbax writes `<final name>.orbax-checkpoint-tmp[-<timestamp>]` and renames it when complete.
@@ -109,11 +110,18 @@ def remove_partial(path: str | os.PathLike) -> None:
   """Removes orbax's temporary directories for `path` (a save that did not finish)."""
   path = os.path.abspath(os.fspath(path))
   parent, name = os.path.split(path)
-  if not os.path.isdir(parent):
-    return
-  for entry in os.listdir(parent):
-    if entry.startswith(name + ORBAX_TMP_SUFFIX):
+  quiet_scans = 0
+  # orbax saves the items of a checkpoint concurrently: when one fails, another may still be
+  # creating its folder in a thread for a moment. Clean until two scans in a row find nothing.
+  for _ in range(40):
+    leftovers = [e for e in (os.listdir(parent) if os.path.isdir(parent) else [])
+                 if e.startswith(name + ORBAX_TMP_SUFFIX)]
+    for entry in leftovers:
       shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    quiet_scans = 0 if leftovers else quiet_scans + 1
+    if quiet_scans == 2:
+      return
+    time.sleep(0.05)
 
 
 @contextlib.contextmanager
