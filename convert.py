@@ -24,6 +24,7 @@ import sys
 
 from repmlp_jax import compilation_cache
 from repmlp_jax import convert as convert_lib
+from repmlp_jax.pytorch import mapping
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    'config.json)')
   imp.add_argument('--crop-ratio', type=float, default=1.0,
                    help="evaluation crop ratio for a hub directory's config.json (default 1.0)")
+  imp.add_argument('--verbose', action='store_true', help='on a key mismatch, list every key')
 
   rep = commands.add_parser('reparam', help='training form -> deploy-form orbax checkpoint.')
   rep.add_argument('src', help='an orbax checkpoint directory of this package, or a .pth file')
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
   rep.add_argument('--model', help='variant of a .pth file (default: detected)')
   rep.add_argument('--ema', action='store_true', help="use a .pth file's EMA weights")
   rep.add_argument('--overwrite', action='store_true', help='replace an existing output directory')
+  rep.add_argument('--verbose', action='store_true', help='on a key mismatch, list every key')
 
   exp = commands.add_parser('export', help='orbax checkpoint directory -> PyTorch .pth.')
   exp.add_argument('src_dir', help='a checkpoint directory of this package (either form)')
@@ -82,7 +85,12 @@ def main(argv=None) -> int:
   try:
     lines = run(args)
   except (ValueError, OSError, ImportError) as e:  # Bad input: say what and why, no traceback.
-    print(f'convert.py {args.command}: error: {e}', file=sys.stderr)
+    message = str(e)
+    if isinstance(e, mapping.KeyMismatchError):
+      message = e.describe(verbose=getattr(args, 'verbose', False))
+      if e.truncated and not getattr(args, 'verbose', False):
+        message += ' --verbose lists every key.'
+    print(f'convert.py {args.command}: error: {message}', file=sys.stderr)
     return 1
   print('\n'.join(lines))
   return 0

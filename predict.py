@@ -14,6 +14,7 @@ import sys
 import jax.numpy as jnp
 
 from repmlp_jax import compilation_cache
+from repmlp_jax import outputs
 from repmlp_jax.inference import export
 from repmlp_jax.inference import predictor as inference
 
@@ -44,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   args = parse_args(argv)
   try:
+    if args.export:  # Refused before the model loads (seconds) if the file exists.
+      outputs.check_new_output(args.export)
     predictor = inference.Predictor.from_checkpoint(
         args.checkpoint, reparameterize_model=not args.no_reparam,
         dtype=jnp.bfloat16 if args.bf16 else jnp.float32, precision=args.precision,
@@ -59,8 +62,8 @@ def main(argv=None) -> int:
       path = export.save_exported(args.export, export.export_predictor(predictor))
       print(f'Wrote {path} (input: (N, {predictor.image_size}, {predictor.image_size}, 3) '
             'normalized float32 images; output: logits).')
-  except (FileNotFoundError, FileExistsError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
+  except (OSError, ValueError) as e:  # Bad input or a failed write: one line, no traceback.
+    print(f'predict.py: error: {e}', file=sys.stderr)
     return 2
   return 0
 

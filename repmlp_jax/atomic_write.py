@@ -2,23 +2,20 @@
 
 The content goes to a temporary file in the same directory, is flushed to disk, then linked to
 its name: `os.link` fails if the name appeared meanwhile, so an existing file is never replaced
-and an interrupted write leaves nothing behind under the final name.
+and an interrupted write leaves nothing behind under the final name. The file's mode follows the
+umask, as for any file the user creates.
 """
 
 import os
-import tempfile
+import secrets
 from typing import BinaryIO, Callable
+
+from repmlp_jax import outputs
 
 
 def check_new_path(path: str | os.PathLike) -> str:
   """The absolute path, after checking that it does not exist and its directory does."""
-  path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path):
-    raise FileExistsError(f'{path} already exists; choose another output file.')
-  directory = os.path.dirname(path)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f'The output directory {directory} does not exist; create it first.')
-  return path
+  return outputs.check_new_output(path)
 
 
 def write_new_file(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> str:
@@ -29,15 +26,20 @@ def write_new_file(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -
     write: called once with the open binary temporary file.
   Returns:
     The absolute path written.
+  Raises:
+    outputs.WriteError: the disk filled up (one line; no temporary file is left).
   """
   path = check_new_path(path)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.' + os.path.basename(path) + '.',
-                             suffix='.tmp')
+  tmp = os.path.join(os.path.dirname(path),
+                     f'.{os.path.basename(path)}.{secrets.token_hex(4)}.tmp')
+  # os.open with 0o666 lets the umask decide the mode (tempfile.mkstemp would force 0600).
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
   try:
-    with os.fdopen(fd, 'wb') as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
+    with outputs.writing(path):
+      with os.fdopen(fd, 'wb') as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     try:
       os.link(tmp, path)
     except FileExistsError:

@@ -11,20 +11,10 @@ import flax.linen as nn
 
 from repmlp_jax import hub
 from repmlp_jax import model_io
+from repmlp_jax import outputs
 from repmlp_jax.reparameterize import deploy as reparameterize
 from repmlp_jax.pytorch import exporter as torch_export
 from repmlp_jax.pytorch import importer as torch_import
-
-
-def _check_new_output(path: str | os.PathLike, overwrite: bool = False) -> str:
-  path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f'{path} already exists; choose another output path'
-                          + (' or pass --overwrite.' if os.path.isdir(path) else '.'))
-  parent = os.path.dirname(path)
-  if not os.path.isdir(parent):
-    raise FileNotFoundError(f'The output directory {parent} does not exist.')
-  return path
 
 
 def _form(model: nn.Module) -> str:
@@ -55,9 +45,9 @@ def import_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
   if deploy and reparam_dir is not None:
     raise ValueError('--deploy writes the deploy form to OUT_DIR; --reparam DEPLOY_DIR writes it '
                      'next to the training form. Use one of them.')
-  out_dir = _check_new_output(out_dir, overwrite)
+  out_dir = outputs.check_new_output(out_dir, overwrite=overwrite)
   if reparam_dir is not None:
-    reparam_dir = _check_new_output(reparam_dir, overwrite)
+    reparam_dir = outputs.check_new_output(reparam_dir, overwrite=overwrite)
   result = torch_import.import_torch(src, name, deploy=True if deploy else None, use_ema=use_ema)
   if reparam_dir is not None and result.file_deploy:
     raise ValueError('The file already holds the deploy form; drop --reparam (the import '
@@ -75,6 +65,9 @@ def import_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
 def _load_any(src: str | os.PathLike, name: str | None, use_ema: bool) -> tuple[nn.Module, Any,
                                                                                 list[str]]:
   """An orbax checkpoint directory (ours), a hub directory or a PyTorch file."""
+  if not os.path.exists(src):
+    raise FileNotFoundError(f'No checkpoint at {os.path.abspath(src)}: give a model directory of '
+                            'this package, a hub directory or a PyTorch .pth / .safetensors file.')
   if os.path.isfile(os.path.join(src, hub.CONFIG_NAME)):
     model, variables = hub.from_pretrained(src)
     return model, variables, [f'read {_form(model)} form: {os.path.abspath(src)}']
@@ -99,7 +92,7 @@ def reparam_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
   Returns:
     Lines describing what was read and written.
   """
-  out_dir = _check_new_output(out_dir, overwrite)
+  out_dir = outputs.check_new_output(out_dir, overwrite=overwrite)
   model, variables, lines = _load_any(src, name, use_ema)
   if model.deploy:
     raise ValueError(f'{src} already holds the deploy form; nothing to re-parameterize.')
@@ -119,7 +112,7 @@ def export_checkpoint(src_dir: str | os.PathLike, out_file: str | os.PathLike, *
   Returns:
     Lines describing what was read and written.
   """
-  out_file = _check_new_output(out_file)
+  out_file = outputs.check_new_output(out_file)
   if layout not in torch_export.LAYOUTS:
     raise ValueError(f'Unknown layout {layout!r}; choose one of {torch_export.LAYOUTS}.')
   model, variables = model_io.load_model(src_dir)
@@ -161,7 +154,7 @@ def export_pretrained(src: str | os.PathLike, out_dir: str | os.PathLike, *,
   Returns:
     Lines describing what was read and written.
   """
-  out_dir = _check_new_output(out_dir)
+  out_dir = outputs.check_new_output(out_dir)
   model, variables, lines = _load_any(src, None, False)
   hub.save_pretrained(out_dir, model, variables, crop_ratio=crop_ratio)
   return lines + [f'wrote {_form(model)} form: {out_dir} ({hub.WEIGHTS_NAME}, {hub.CONFIG_NAME})']
@@ -184,7 +177,7 @@ def onnx_checkpoint(src: str | os.PathLike, out_file: str | os.PathLike, *,
     Lines describing what was read and written.
   """
   from repmlp_jax.inference import onnx_export  # pylint: disable=g-import-not-at-top
-  out_file = _check_new_output(out_file)
+  out_file = outputs.check_new_output(out_file)
   model, variables, lines = _load_any(src, name, use_ema)
   if not model.deploy:
     model, variables = reparameterize.reparam(model, variables)

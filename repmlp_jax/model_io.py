@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from repmlp_jax import outputs
 from repmlp_jax.models import factory as models
 
 
@@ -29,13 +30,13 @@ def save_model(path: str | os.PathLike, model: nn.Module, variables: Any, *,
     overwrite: replace an existing checkpoint at `path`.
   Returns:
     The absolute path written.
+  Raises:
+    FileExistsError: `path` exists and `overwrite` is False.
+    outputs.WriteError: the disk filled up; one line, no partial directory left.
   """
-  path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f'{path} already exists; choose another output path or pass '
-                          'overwrite=True (--overwrite) to replace it.')
+  path = outputs.check_new_output(path, overwrite=overwrite)
   _check_variables(model, variables)
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+  with outputs.writing(path), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     checkpointer.save(path, args=ocp.args.Composite(
         model=ocp.args.JsonSave(models.model_spec(model)),
         variables=ocp.args.StandardSave(variables)), force=overwrite)
@@ -59,9 +60,10 @@ def load_model(path: str | os.PathLike, *, sharding: jax.sharding.Sharding | Non
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     try:
       spec = checkpointer.restore(path, args=ocp.args.Composite(model=ocp.args.JsonRestore()))
-    except (FileNotFoundError, ValueError, KeyError) as e:
-      raise ValueError(f'{path} is not a repmlp_jax model checkpoint (no readable model '
-                       f'settings): {e}') from e
+    except (FileNotFoundError, ValueError, KeyError):
+      raise ValueError(f'{path} is not a model directory of this package (it holds no model '
+                       'settings); give one written by convert.py, train.py (<workdir>/deploy) '
+                       'or repmlp_jax.model_io.save_model.') from None
     model = models.model_from_spec(spec['model'])
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),

@@ -102,12 +102,14 @@ def test_without_torch_the_error_says_what_to_install(monkeypatch, tmp_path):
   for name in [n for n in sys.modules if n == 'repmlp_jax' or n.startswith('repmlp_jax.')]:
     monkeypatch.delitem(sys.modules, name)
   fresh = importlib.import_module('repmlp_jax')
+  # The CPU wheel first, then the extra from the checkout (the package is not on PyPI).
+  torch_hint = r"download\.pytorch\.org/whl/cpu, then pip install -e '\.\[torch\]'"
   model, variables = fresh.load_torch(sd)  # numpy arrays need no torch.
   assert model.num_classes == tc.TINY_CLASSES
-  with pytest.raises(ImportError, match=r"pip install 'repmlp-jax\[torch\]'"):
+  with pytest.raises(ImportError, match=torch_hint):
     fresh.load_torch(tmp_path / 'any.pth')
-  with pytest.raises(ImportError, match=r"pip install 'repmlp-jax\[torch\]'"):
+  with pytest.raises(ImportError, match=torch_hint):
     fresh.to_torch_state_dict(model, variables)
-  with pytest.raises(ImportError, match=r"pip install 'repmlp-jax\[torch\]'"):
+  with pytest.raises(ImportError, match=torch_hint):
     fresh.save_torch(tmp_path / 'out.pth', model, variables)
   assert not (tmp_path / 'out.pth').exists()

@@ -35,8 +35,10 @@ def preprocess_image(image: Image.Image, size: int, crop_ratio: float = 1.0) -> 
 def load_image(path: str | os.PathLike) -> Image.Image:
   """Opens an image file fully (so that a truncated or non-image file fails here, clearly)."""
   path = os.fspath(path)
+  if os.path.isdir(path):
+    raise IsADirectoryError(f'{path} is a directory; give image files (e.g. {path}/*.jpg).')
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'No image file at {path!r}.')
+    raise FileNotFoundError(f'No image file at {path}.')
   try:
     with Image.open(path) as image:
       image.load()

@@ -38,7 +38,10 @@ from repmlp_jax import hub
 # Keys holding the model's weights in checkpoints that wrap them, in order of preference.
 MODEL_KEYS = ('model', 'state_dict', 'module', 'net', 'network')
 EMA_KEYS = ('model_ema', 'state_dict_ema', 'ema_state_dict', 'ema', 'ema_model')
-TORCH_EXTRA = "pip install 'repmlp-jax[torch]'"
+# The CPU build first (an unpinned `pip install torch` pulls a multi-GB CUDA build), then the
+# extra from the checkout (the package is installed from its source, not from PyPI).
+TORCH_EXTRA = ("pip install torch --index-url https://download.pytorch.org/whl/cpu, then "
+               "pip install -e '.[torch]' in the repmlp-jax checkout")
 # The first bytes of a legacy (non-zip) torch.save file: PROTO 2, then the magic number as LONG1.
 _LEGACY_HEADER = b'\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19'
 
@@ -79,7 +82,7 @@ def require_torch():
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError('Reading or writing PyTorch checkpoints needs PyTorch, an optional '
-                      f'dependency of repmlp-jax: {TORCH_EXTRA} (or pip install torch).') from e
+                      f'dependency of repmlp-jax: {TORCH_EXTRA}.') from e
   return torch
 
 

@@ -118,6 +118,14 @@ def _model_for(cls: type[nn.Module], sd: Mapping[str, np.ndarray], name: str | N
   return models.create_model(name, deploy=deploy, **overrides), name, detected
 
 
+def _named(model: nn.Module, name: str | None, keys: Any) -> str:
+  """A model by its variant name and form, or by its settings when it has no name."""
+  form = 'deploy' if model.deploy else 'training'
+  if name is None:
+    return f'a custom {keys.describe(model)}'
+  return f'{models.resolve_name(name)} ({form} form)'
+
+
 def import_torch(path_or_state_dict: Any, name: str | None = None, *, deploy: bool | None = None,
                  use_ema: bool = False) -> TorchImport:
   """Like `load_torch`, also returning what was detected (for tools that report it)."""
@@ -134,8 +142,9 @@ def import_torch(path_or_state_dict: Any, name: str | None = None, *, deploy: bo
   except state_dict_mapping.KeyMismatchError as e:
     if detected is None or detected == model:
       raise
-    hint = (f'{keys.describe(model)}; the file\'s shapes are those of '
-            f'{keys.describe(detected)}, which loads without a name (--model)')
+    hint = (f'{_named(model, found, keys)}; the file holds '
+            f'{_named(detected, keys.detect(sd)[0], keys)}, which loads without a name '
+            '(drop --model)')
     raise state_dict_mapping.KeyMismatchError(hint, e.missing, e.unexpected, e.misshaped) from None
   variables = jax.tree.map(jax.numpy.asarray, variables)
   result = TorchImport(model, variables, found, model.deploy, layout, file, False)
@@ -168,8 +177,8 @@ def load_torch(path_or_state_dict: Any, name: str | None = None, *, deploy: bool
     mapping.KeyMismatchError: every missing, unexpected and mis-shaped key.
     mapping.DetectionError: the model cannot be detected (pass `name`).
     ValueError: the named model's family has no PyTorch checkpoints.
-    ImportError: PyTorch is not installed (`pip install 'repmlp-jax[torch]'`; .safetensors files
-      need safetensors instead: `pip install 'repmlp-jax[hub]'`).
+    ImportError: PyTorch is not installed (the message says how: torch_files.TORCH_EXTRA;
+      .safetensors files need safetensors instead: `pip install -e '.[hub]'`).
   """
   result = import_torch(path_or_state_dict, name, deploy=deploy, use_ema=use_ema)
   return result.model, result.variables

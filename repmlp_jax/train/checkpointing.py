@@ -11,11 +11,16 @@ import signal
 import threading
 from typing import Any
 
+from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from repmlp_jax import outputs
+
 BEST_METRIC = 'top1'
+_ITEM = 'default'  # The folder of a CheckpointManager step that holds the single item.
 
 
 class Checkpoints:
@@ -39,6 +44,7 @@ class Checkpoints:
     options = ocp.CheckpointManagerOptions(preservation_policy=keep, create=True,
                                            enable_async_checkpointing=False)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._failed = False
 
   def latest_step(self) -> int | None:
     """The step of the newest complete checkpoint, or None."""
@@ -47,6 +53,35 @@ class Checkpoints:
   def best_step(self) -> int | None:
     """The step of the checkpoint with the highest best_metric, or None."""
     return self._manager.best_step()
+
+  def all_steps(self) -> list[int]:
+    """The steps of every complete checkpoint, oldest first."""
+    return sorted(self._manager.all_steps())
+
+  def stored_shapes(self, step: int) -> Any:
+    """The tree of array metadata (`.shape`, `.dtype`) that checkpoint `step` holds, unread."""
+    # The handler reads only the tree's metadata (a Checkpointer would also warn about the step
+    # metadata it looks for).
+    metadata = ocp.StandardCheckpointHandler().metadata(
+        epath.Path(self.directory) / str(step) / _ITEM)
+    return getattr(metadata, 'tree', metadata)
+
+  def set_aside(self, step: int, folder: str) -> str:
+    """Moves checkpoint `step` to `<workdir>/<folder>/<step>` (kept, no longer resumed from).
+
+    Returns:
+      Where it went.
+    """
+    target = os.path.join(os.path.dirname(self.directory), folder, str(step))
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      if os.path.exists(target):
+        target += f'.{len(os.listdir(os.path.dirname(target)))}'
+      os.rename(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('repmlp_jax set_aside')
+    self._manager.reload()
+    return target
 
   def restore(self, abstract_state: Any, step: int | None = None) -> Any:
     """Reads a checkpoint into the shapes, dtypes and shardings of `abstract_state`.
@@ -69,8 +104,20 @@ class Checkpoints:
       step: the number of training steps `state` has taken.
       state: the training state pytree.
       metrics: eval metrics of this state (a checkpoint with metrics can be the best one).
+    Raises:
+      outputs.WriteError: the disk filled up; one line naming the last good checkpoint, and
+        the temporary directory removed.
     """
-    self._manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+    last = self.latest_step()
+    kept = (f'the last good checkpoint is step {last} in {self.directory}' if last is not None
+            else 'no checkpoint had been written yet')
+    with outputs.writing(os.path.join(self.directory, str(step)),
+                         kept=kept + '; free space, then rerun the same command to resume'):
+      try:
+        self._manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+      except BaseException:
+        self._failed = True  # close() must not wait on, or re-raise, the broken save.
+        raise
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process when the cluster announced a preemption (multi-process runs)."""
@@ -78,6 +125,8 @@ class Checkpoints:
 
   def close(self) -> None:
     """Waits for pending writes and releases the manager."""
+    if self._failed:
+      return
     self._manager.wait_until_finished()
     self._manager.close()
 

@@ -1,15 +1,19 @@
-"""What a training run reports, from process 0 only: a tqdm progress bar (images/s, ETA) and
-scalar metrics written both to TensorBoard (tf.summary, `<workdir>/tensorboard`) and to a
-JSON-lines file (`<workdir>/metrics.jsonl`, one {"step": ..., name: value, ...} per line).
+"""What a training run reports, from process 0 only: progress (images/s, ETA; a tqdm bar on a
+terminal, plain lines in a log) and scalar metrics written both to TensorBoard (tf.summary,
+`<workdir>/tensorboard`) and to a JSON-lines file (`<workdir>/metrics.jsonl`, one
+{"step": ..., name: value, ...} per line).
 
 A resumed run appends to the same files; TensorBoard and the JSON lines may then hold the steps
 between the last checkpoint and the interruption twice (the later entries are the kept run's).
 """
 
+import datetime
 import json
 import math
 import os
-from typing import Mapping
+import sys
+import time
+from typing import Mapping, TextIO
 
 import jax
 import tqdm
@@ -63,29 +67,69 @@ class MetricWriter:
 
 
 class ProgressBar:
-  """A tqdm bar counting images, hence images/s and the ETA; process 0 only."""
+  """Progress on process 0: a tqdm bar on a terminal, plain lines in a log.
+
+  The clock starts after the first step of this start, so neither the compilation nor a resume's
+  already finished steps enter images/s and the ETA. When stderr is not a terminal (a log file,
+  a scheduler's output), carriage-return redraws would fill the log: instead one plain line is
+  printed at a logged step once `interval_s` seconds have passed since the previous one.
+  """
 
   def __init__(self, *, total_steps: int, start_step: int, images_per_step: int,
-               enabled: bool | None = None):
-    enabled = jax.process_index() == 0 if enabled is None else enabled
-    self._images_per_step = images_per_step
+               enabled: bool | None = None, interactive: bool | None = None,
+               interval_s: float = 60.0, stream: TextIO | None = None):
+    self._enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._stream = stream
+    if interactive is None:
+      interactive = sys.stderr.isatty()
+    self._interactive = interactive
+    self._total, self._images_per_step = total_steps, images_per_step
     self._step = start_step
-    self._bar = tqdm.tqdm(total=total_steps * images_per_step, initial=start_step * images_per_step,
-                          unit='img', unit_scale=True, dynamic_ncols=True, disable=not enabled,
-                          desc='train', smoothing=0.1)
+    self._interval_s = interval_s
+    self._bar = None
+    self._clock: tuple[float, int] | None = None  # (time, step) when the clock started.
+    self._last_line = -math.inf
 
   def update(self, step: int, **postfix: float) -> None:
-    """Advances the bar to `step` and shows `postfix` (e.g. loss=2.31, lr=1e-3)."""
-    self._bar.update((step - self._step) * self._images_per_step)
-    self._step = step
-    if postfix:
-      self._bar.set_postfix({k: f'{v:.4g}' for k, v in postfix.items()}, refresh=False)
+    """Advances to `step` and shows `postfix` (e.g. loss=2.31, lr=1e-3)."""
+    previous, self._step = self._step, step
+    if not self._enabled:
+      return
+    now = time.monotonic()
+    if self._clock is None:  # The first step of this start: compiled, not yet timed.
+      self._clock = (now, step)
+      if self._interactive:
+        self._bar = tqdm.tqdm(total=self._total * self._images_per_step,
+                              initial=step * self._images_per_step, unit='img', unit_scale=True,
+                              dynamic_ncols=True, desc='train', smoothing=0.1)
+    elif self._bar is not None:
+      self._bar.update((step - previous) * self._images_per_step)
+    if self._bar is not None:
+      if postfix:
+        self._bar.set_postfix({k: f'{v:.4g}' for k, v in postfix.items()}, refresh=False)
+    elif postfix and now - self._last_line >= self._interval_s:
+      self._last_line = now
+      self.write(self._plain_line(step, now, postfix))
+
+  def _plain_line(self, step: int, now: float, postfix: dict[str, float]) -> str:
+    start_time, start_step = self._clock
+    text = f'step {step}/{self._total} ({100 * step / self._total:.0f}%)'
+    if step > start_step and now > start_time:
+      steps_per_s = (step - start_step) / (now - start_time)
+      eta = datetime.timedelta(seconds=round((self._total - step) / steps_per_s))
+      text += f', {steps_per_s * self._images_per_step:.1f} img/s, ETA {eta}'
+    return text + ''.join(f', {k} {v:.4g}' for k, v in postfix.items())
 
   def write(self, message: str) -> None:
-    """Prints a line above the bar."""
-    if not self._bar.disable:
-      self._bar.write(message)
+    """Prints a line (above the bar, if there is one)."""
+    if not self._enabled:
+      return
+    if self._bar is not None:
+      self._bar.write(message, file=self._stream)
+    else:
+      print(message, file=self._stream or sys.stdout, flush=True)
 
   def close(self) -> None:
     """Finishes the bar."""
-    self._bar.close()
+    if self._bar is not None:
+      self._bar.close()

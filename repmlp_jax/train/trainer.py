@@ -6,6 +6,7 @@ Layout of a workdir:
   metrics.jsonl         train and eval scalars, one JSON object per logged step
   tensorboard/          the same scalars for TensorBoard
   config.json           the config of the latest start
+  damaged_checkpoints/  checkpoints that could not be read, set aside on resuming (recovery.py)
 
 Rerunning the same command resumes from the last checkpoint and continues exactly as an
 uninterrupted run would: the state holds the step and the rng (each step folds the step into
@@ -29,10 +30,16 @@ from repmlp_jax import families
 from repmlp_jax.train import checkpointing
 from repmlp_jax.data import input_pipeline
 from repmlp_jax import model_io
+from repmlp_jax import outputs
 from repmlp_jax.train import sharding
 from repmlp_jax.pytorch import mapping as state_dict_mapping
 from repmlp_jax.train import experiment as steps_lib
 from repmlp_jax.train import metric_writers as train_logging
+from repmlp_jax.train import recovery
+
+# Errors whose message says all a user needs (what is wrong, what to do): train.py prints them as
+# one line instead of a traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 _DATASETS_WITH_DIR = ('image_folder',)  # Data sets that cannot do without config.data_dir.
 
@@ -174,22 +181,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     The last evaluation's metrics ('top1', 'top5', 'deploy_top1', ...) with 'step', or, when
     stopped by a signal / preemption, {'step': ..., 'preempted': True}.
   """
+  workdir = outputs.check_workdir(workdir)  # Before any data is read or anything compiles.
   _check_data_dir(config)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
   info = input_pipeline.dataset_info(config.dataset, data_dir=config.data_dir)
   steps = steps_lib.derive_steps(config, info.num_train_examples)
   exp = steps_lib.Experiment.cached(config, num_classes=info.num_classes, steps=steps)
-  _write_config(config, workdir)
 
   checkpoints = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'))
   writer = train_logging.MetricWriter(workdir)
   stop = checkpointing.StopRequest()
   bar = None
   try:
-    if checkpoints.latest_step() is not None:
-      state = checkpoints.restore(exp.abstract_state)
-    else:
+    state = recovery.restore_newest_readable(checkpoints, exp.abstract_state, config,
+                                             warn=_print_once)
+    _write_config(config, workdir)  # After the check against the config that wrote the workdir.
+    if state is None:
       state = exp.init_state()
       if config.init_from:
         state = load_pretrained(exp, state, config.init_from)
@@ -223,7 +229,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if save:
         checkpoints.save(step, state, metrics=eval_metrics)
       if stopping and step < steps.total:
-        bar.write(f'Stopped at step {step} on request; checkpoint saved. Rerun to resume.')
+        bar.write(f'Stopped at step {step} on request; checkpoint saved in '
+                  f'{checkpoints.directory}. Rerun the same command to resume.')
         return {'step': step, 'preempted': True}
 
     if eval_metrics is None:  # Resumed after the last step: evaluate what was restored.
@@ -233,9 +240,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Decided by process 0 for all: save_model is collective, every process must join it.
     exists = multihost_utils.broadcast_one_to_all(np.asarray(os.path.exists(deploy_dir)))
     if not exists:
-      model_io.save_model(deploy_dir, exp.deploy_model,
-                          exp.reparam({'params': state['params'],
-                                       'batch_stats': state['batch_stats']}))
+      kept = (f'the trained state is kept in {checkpoints.directory} (step {step}); free space, '
+              'then rerun the same command to write it')
+      with outputs.writing(deploy_dir, kept=kept):
+        model_io.save_model(deploy_dir, exp.deploy_model,
+                            exp.reparam({'params': state['params'],
+                                         'batch_stats': state['batch_stats']}))
     return {'step': step, **eval_metrics}
   finally:
     stop.close()
@@ -243,6 +253,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       bar.close()
     checkpoints.close()
     writer.close()
+
+
+def _print_once(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
 
 
 def _summary(step: int, m: dict[str, float]) -> str:
