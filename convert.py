@@ -22,8 +22,8 @@ Examples:
 import argparse
 import sys
 
-from repmlp_jax import compilation_cache
-from repmlp_jax import convert as convert_lib
+from repmlp_jax.commands import compilation_cache
+from repmlp_jax.commands import convert as convert_lib
 from repmlp_jax.pytorch import mapping
 
 

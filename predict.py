@@ -13,7 +13,7 @@ import sys
 
 import jax.numpy as jnp
 
-from repmlp_jax import compilation_cache
+from repmlp_jax.commands import compilation_cache
 from repmlp_jax import outputs
 from repmlp_jax.inference import export
 from repmlp_jax.inference import predictor as inference

@@ -47,7 +47,7 @@ ImageNet end to end
 
 Exit statuses: 0 done; 1 an error (one line on stderr; any --verbosity shows the traceback);
 2 bad flags or config (one line, before jax and TensorFlow load); 75 stopped on request after
-saving a checkpoint (repmlp_jax/cli.py).
+saving a checkpoint (repmlp_jax/commands/cli.py).
 
 5. Results: eval top-1/top-5 of the training form and of the re-parameterized deploy form at every
    evaluation (metrics.jsonl, TensorBoard in <WORKDIR>/tensorboard); the final deploy model in
@@ -79,7 +79,7 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processe
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-EXIT_USAGE = 2  # repmlp_jax.cli.EXIT_USAGE; importing repmlp_jax would load jax before parsing.
+EXIT_USAGE = 2  # repmlp_jax.commands.cli.EXIT_USAGE; importing repmlp_jax would load jax before parsing.
 _HELP = {'-h': True, '--help': True, '-?': True, '--helpshort': True, '--helpfull': False}
 
 
@@ -159,7 +159,7 @@ def main(argv):
   if _MULTIHOST.value:  # Before anything else touches jax.
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  from repmlp_jax import cli  # pylint: disable=g-import-not-at-top
+  from repmlp_jax.commands import cli  # pylint: disable=g-import-not-at-top
   from repmlp_jax import outputs  # pylint: disable=g-import-not-at-top
   try:  # Before any data is read or anything compiles.
     workdir = outputs.check_workdir(_WORKDIR.value)
@@ -172,7 +172,7 @@ def main(argv):
     tf.config.set_visible_devices([], 'GPU')
   except RuntimeError:  # TF already initialised (a second run in one process): as it was set.
     pass
-  from repmlp_jax import compilation_cache  # pylint: disable=g-import-not-at-top
+  from repmlp_jax.commands import compilation_cache  # pylint: disable=g-import-not-at-top
   from repmlp_jax.train import trainer  # pylint: disable=g-import-not-at-top
   compilation_cache.enable(_CONFIG.value.get('compilation_cache_dir'))
   try:

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from repmlp_jax import compilation_cache
+from repmlp_jax.commands import compilation_cache
 
 # A fresh process: turns the cache on (environment variable), compiles one small function and
 # prints the cache hits and misses JAX records (one per program, the input's too), and the
@@ -16,7 +16,7 @@ _COMPILE_ONCE = '''
 import json, time
 import jax, jax.numpy as jnp
 from jax import monitoring
-from repmlp_jax import compilation_cache
+from repmlp_jax.commands import compilation_cache
 events = []
 monitoring.register_event_listener(lambda name, **kw: events.append(name))
 directory = compilation_cache.enable()

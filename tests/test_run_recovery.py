@@ -15,7 +15,7 @@ import pytest
 from absl import flags
 import orbax.checkpoint as ocp
 
-from repmlp_jax import cli
+from repmlp_jax.commands import cli
 from repmlp_jax.train import checkpointing
 from repmlp_jax.train import experiment as steps_lib
 from repmlp_jax.data import input_pipeline
