@@ -216,5 +216,6 @@ def test_bn_group_size_must_divide_each_forward_batch():
     experiment.Experiment(config, num_classes=NUM_CLASSES, steps=STEPS)
   config.bn_group_size = 8
   config.grad_accum_steps = 2  # Micro-batches of 4: groups must split each of them.
+  one_device = sharding.create_mesh(jax.devices()[:1])  # 8 per device: accumulation itself fits.
   with pytest.raises(ValueError, match='bn_group_size=8 does not divide the batch of 4'):
-    experiment.Experiment(config, num_classes=NUM_CLASSES, steps=STEPS)
+    experiment.Experiment(config, num_classes=NUM_CLASSES, steps=STEPS, mesh=one_device)

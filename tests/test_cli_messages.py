@@ -135,7 +135,7 @@ def test_wrong_paths_are_one_plain_line(model_dir, tmp_path, capsys):
   assert convert.main(['reparam', str(missing), str(tmp_path / 'deploy')]) == 1
   err = capsys.readouterr().err.splitlines()
   assert err == [f'convert.py reparam: error: No checkpoint at {missing}: give a model directory '
-                 'of this package or a PyTorch .pth file.']
+                 'of this package, a hub directory or a PyTorch .pth / .safetensors file.']
 
 
 def test_export_to_an_existing_file_is_refused_before_loading(model_dir, tmp_path, capsys,
