@@ -13,11 +13,6 @@ from typing import BinaryIO, Callable
 from repmlp_jax import outputs
 
 
-def check_new_path(path: str | os.PathLike) -> str:
-  """The absolute path, after checking that it does not exist and its directory does."""
-  return outputs.check_new_output(path)
-
-
 def write_new_file(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> str:
   """Creates `path` with what `write(file)` writes, atomically; never replaces a file.
 
@@ -29,7 +24,7 @@ def write_new_file(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -
   Raises:
     outputs.WriteError: the disk filled up (one line; no temporary file is left).
   """
-  path = check_new_path(path)
+  path = outputs.check_new_output(path)
   tmp = os.path.join(os.path.dirname(path),
                      f'.{os.path.basename(path)}.{secrets.token_hex(4)}.tmp')
   # os.open with 0o666 lets the umask decide the mode (tempfile.mkstemp would force 0600).

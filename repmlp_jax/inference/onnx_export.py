@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from repmlp_jax import atomic_write
+from repmlp_jax import outputs
 from repmlp_jax import hub
 from repmlp_jax.reparameterize import deploy as reparameterize
 
@@ -103,7 +104,7 @@ def export_onnx(model: nn.Module, variables: Any, path: str | os.PathLike, *,
   Returns:
     The absolute path written.
   """
-  atomic_write.check_new_path(path)  # Before the export, which takes a while.
+  outputs.check_new_output(path)  # Before the export, which takes a while.
   data = to_onnx(model, variables, image_size=image_size, nchw=nchw,
                  opset=opset).SerializeToString()
   if len(data) > _PROTOBUF_LIMIT:  # Not reached by the released variants (B224 is ~0.3 GB).

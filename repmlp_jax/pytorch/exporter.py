@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 
 from repmlp_jax import atomic_write as new_file
+from repmlp_jax import outputs
 from repmlp_jax import families
 from repmlp_jax.pytorch import files as torch_files
 
@@ -63,7 +64,7 @@ def save_torch(path: str | os.PathLike, model: nn.Module, variables: Any, *,
     The absolute path written.
   """
   torch = torch_files.require_torch()
-  new_file.check_new_path(path)  # Before the conversion, which can take a while.
+  outputs.check_new_output(path)  # Before the conversion, which can take a while.
   sd = to_torch_state_dict(model, variables, layout=layout)
   obj = sd if layout == 'official' else {'state_dict': sd, 'meta': {}}
   return new_file.write_new_file(path, lambda f: torch.save(obj, f))
