@@ -22,6 +22,27 @@ def test_depthwise_conv_equals_grouped_nn_conv(k, channels):
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('k, channels', [(1, 2), (3, 4), (5, 3)])
+def test_depthwise_conv_gradients_equal_grouped_nn_conv(k, channels):
+  """The written-out gradient (input, kernel, bias) against autodiff of nn.Conv, in float64."""
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(0), (2, 6, 5, channels), jnp.float64)
+    cotangent = jax.random.normal(jax.random.key(2), x.shape, jnp.float64)
+    ref = nn.Conv(channels, (k, k), padding=[(k // 2, k // 2)] * 2, feature_group_count=channels,
+                  dtype=jnp.float64, param_dtype=jnp.float64)
+    variables = jax.tree.map(lambda a: a + 0.1, ref.init(jax.random.key(1), x))
+    ours = layers.DepthwiseConv(k, dtype=jnp.float64)
+
+    def grads(module):
+      # The kernel's cast to the compute dtype is part of the module; float64 keeps it exact.
+      return jax.grad(lambda v, x: jnp.sum(module.apply(v, x) * cotangent),
+                      argnums=(0, 1))(variables, x)
+
+    got, want = grads(ours), grads(ref)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_conv_bn_uses_the_fast_forms_with_nn_conv_variables():
   x = jnp.ones((1, 8, 8, 4))
   for module in (layers.ConvBN(4, 3, padding=1, groups=4), layers.ConvBN(6, 2, strides=2),

@@ -100,6 +100,57 @@ class PatchConv(nn.Module):
     return y
 
 
+def _shifted_products(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """sum over (dy, dx) of the zero-padded x shifted by (dy, dx), times kernel[dy, dx] (per channel).
+
+  Args:
+    x: (N, H, W, C).
+    kernel: (k, k, C), k odd.
+  Returns:
+    (N, H, W, C): the 'same'-padded depthwise cross-correlation.
+  """
+  k, (_, height, width, _) = kernel.shape[0], x.shape
+  p = k // 2
+  padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  return sum(padded[:, dy:dy + height, dx:dx + width, :] * kernel[dy, dx]
+             for dy in range(k) for dx in range(k))
+
+
+@jax.custom_vjp
+def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """The 'same'-padded, stride-1 depthwise conv of x (N, H, W, C) with kernel (k, k, C).
+
+  Its gradient is written out rather than derived: the input's is the same conv of the output
+  gradient with the kernel flipped, the kernel's one reduction over all k*k shifts at once.
+  Derived by autodiff, XLA recomputed the forward products inside each of the k*k kernel
+  reductions (10 near-identical kernels per branch: slower to compile and to run).
+  """
+  return _shifted_products(x, kernel)
+
+
+def _depthwise_conv_fwd(x, kernel):
+  return _shifted_products(x, kernel), (x, kernel)
+
+
+def _depthwise_conv_bwd(residuals, g):
+  x, kernel = residuals
+  k, (_, height, width, c) = kernel.shape[0], x.shape
+  p = k // 2
+  grad_x = _shifted_products(g, kernel[::-1, ::-1])
+  padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  # g once in memory: otherwise XLA recomputes its producers inside each of the k*k reductions.
+  g = jax.lax.optimization_barrier(g)
+  # Accumulated in at least float32 whatever the compute dtype, as the BatchNorm statistics.
+  sum_dtype = jnp.promote_types(g.dtype, jnp.float32)
+  grad_kernel = jnp.stack([
+      jnp.sum(padded[:, dy:dy + height, dx:dx + width, :] * g, axis=(0, 1, 2), dtype=sum_dtype)
+      for dy in range(k) for dx in range(k)])
+  return grad_x, grad_kernel.reshape(k, k, c).astype(kernel.dtype)
+
+
+depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
+
+
 class DepthwiseConv(nn.Module):
   """A stride-1, 'same'-padded k x k conv with one filter per channel, as k*k shifted products.
 
@@ -115,13 +166,10 @@ class DepthwiseConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    k, (n, height, width, c) = self.kernel_size, x.shape
+    k, c = self.kernel_size, x.shape[-1]
     kernel = self.param('kernel', nn.initializers.lecun_normal(), (k, k, 1, c),
                         jnp.float32).astype(self.dtype)
-    p = k // 2
-    padded = jnp.pad(x.astype(self.dtype), ((0, 0), (p, p), (p, p), (0, 0)))
-    y = sum(padded[:, dy:dy + height, dx:dx + width, :] * kernel[dy, dx, 0]
-            for dy in range(k) for dx in range(k))
+    y = depthwise_conv(x.astype(self.dtype), kernel[:, :, 0])
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (c,), jnp.float32).astype(self.dtype)
     return y
