@@ -110,6 +110,55 @@ def test_groups_equal_one_pytorch_batch_norm_per_group(group_size, rows_per_imag
     assert helpers.relative_error(mean_over_groups, updates['batch_stats'][ours]) <= 1e-12
 
 
+@pytest.mark.parametrize('group_size', [0, 2])
+def test_gradients_equal_pytorch_autograd_per_group(group_size):
+  """The written-out backward (input, scale, bias) against torch autograd, float64, 1e-12."""
+  batch, channels = 4, 3
+  x = _x((batch * 3, 5, 4, channels))
+  cotangent = np.random.default_rng(1).normal(size=x.shape)
+  variables = _variables(channels, dtype=np.float64)
+  with jax.enable_x64(True):
+    def loss(params, x):
+      y, _ = _train({'params': params, 'batch_stats': variables['batch_stats']}, x, batch,
+                    group_size)
+      return jnp.sum(y * cotangent)
+    g_params, g_x = jax.grad(loss, argnums=(0, 1))(variables['params'], jnp.asarray(x))
+  groups = batch // group_size if group_size else 1
+  bn = torch.nn.BatchNorm2d(channels).double().train()
+  with torch.no_grad():
+    bn.weight.copy_(torch.from_numpy(variables['params']['scale']))
+    bn.bias.copy_(torch.from_numpy(variables['params']['bias']))
+  xt = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_()
+  y = torch.cat([bn(xg) for xg in torch.chunk(xt, groups)])
+  (y * torch.from_numpy(cotangent.transpose(0, 3, 1, 2))).sum().backward()
+  assert helpers.relative_error(xt.grad.numpy().transpose(0, 2, 3, 1), g_x) <= 1e-12
+  assert helpers.relative_error(bn.weight.grad.numpy(), g_params['scale']) <= 1e-12
+  assert helpers.relative_error(bn.bias.grad.numpy(), g_params['bias']) <= 1e-12
+
+
+def test_gradient_through_the_statistics_equals_autodiff_of_the_formula():
+  """The batch statistics' own cotangents (they feed the running averages) are not dropped."""
+  with jax.enable_x64(True):
+    x = jnp.asarray(_x((2, 6, 3)))
+    scale, bias = jnp.asarray([0.5, 1.5, 2.0]), jnp.asarray([0.1, -0.2, 0.3])
+    weights = [jnp.asarray(np.random.default_rng(i).normal(size=s))
+               for i, s in enumerate([x.shape, (2, 3), (2, 3)])]
+
+    def loss(normalize, x, scale, bias):
+      y, mean, var = normalize(x, scale, bias)
+      return sum(jnp.sum(w * a) for w, a in zip(weights, (y, mean, var)))
+
+    def formula(x, scale, bias):
+      mean, var = x.mean(1), x.var(1)
+      return (x - mean[:, None]) / jnp.sqrt(var[:, None] + 1e-5) * scale + bias, mean, var
+
+    ours = jax.grad(functools.partial(loss, lambda *a: batch_norm.normalize_batch(
+        *a, 1e-5, jnp.float64)), argnums=(0, 1, 2))(x, scale, bias)
+    want = jax.grad(functools.partial(loss, formula), argnums=(0, 1, 2))(x, scale, bias)
+    for a, b in zip(ours, want):
+      assert helpers.relative_error(b, a) <= 1e-12
+
+
 def test_bfloat16_compute_keeps_float32_statistics():
   x = jnp.asarray(_x((16, 4, 4, 8), offset=3.0), jnp.bfloat16)
   variables = _variables(8)
