@@ -121,9 +121,9 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """The 'same'-padded, stride-1 depthwise conv of x (N, H, W, C) with kernel (k, k, C).
 
   Its gradient is written out rather than derived: the input's is the same conv of the output
-  gradient with the kernel flipped, the kernel's one reduction over all k*k shifts at once.
-  Derived by autodiff, XLA recomputed the forward products inside each of the k*k kernel
-  reductions (10 near-identical kernels per branch: slower to compile and to run).
+  gradient with the kernel flipped, the kernel's k*k float32 sums of a shifted input times the
+  output gradient. Derived by autodiff, XLA recomputed the forward products inside each of the
+  k*k kernel reductions (near-identical kernels per branch: slower to compile and to run).
   """
   return _shifted_products(x, kernel)
 
@@ -138,8 +138,6 @@ def _depthwise_conv_bwd(residuals, g):
   p = k // 2
   grad_x = _shifted_products(g, kernel[::-1, ::-1])
   padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-  # g once in memory: otherwise XLA recomputes its producers inside each of the k*k reductions.
-  g = jax.lax.optimization_barrier(g)
   # Accumulated in at least float32 whatever the compute dtype, as the BatchNorm statistics.
   sum_dtype = jnp.promote_types(g.dtype, jnp.float32)
   grad_kernel = jnp.stack([
