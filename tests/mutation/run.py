@@ -49,11 +49,13 @@ TARGETS = {  # In the order they run: the cheapest first.
     'fusion': ('repmlp_jax/reparameterize/fusion.py', None, _FUSION_TESTS),
     'reparam_repmlpnet': ('repmlp_jax/reparameterize/repmlpnet.py', None,
                           'tests/test_core_numerics.py tests/test_reparam.py '
+                          'tests/test_reparam_rules.py '
                           '-k "reparam_equals or equivalence_float64"'),
     'export': ('repmlp_jax/inference/export.py', None, 'tests/test_export.py'),
     'reparam_resnet': ('repmlp_jax/reparameterize/resnet.py', None,
                        'tests/test_repmlp_block.py tests/test_core_numerics.py '
-                       '-k "by_hand or float64 or pytorch_reference"'),
+                       'tests/test_reparam_rules.py '
+                       '-k "by_hand or float64 or pytorch_reference or v1_rules"'),
     'keys_repmlpnet': ('repmlp_jax/pytorch/keys_repmlpnet.py',
                        ('_bn_to_flax', '_oihw_to_hwio', '_group_to_flax', '_bn_to_torch',
                         '_group_to_torch'),
