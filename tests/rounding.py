@@ -49,6 +49,25 @@ def tolerance(torch_model: torch.nn.Module, x: torch.Tensor) -> float:
   return FACTOR * max(torch_rounding(torch_model, x), FLOAT32_EPS)
 
 
+def flax_float64(model, variables, x, apply=None):
+  """The float64 truth of our float32 `model`: its output with every float cast to float64.
+
+  Args:
+    model: a Flax model with a `dtype` field (its computation dtype).
+    variables: its float32 variables (cast to float64 here).
+    x: the float32 input.
+    apply: `apply(model, variables, x) -> output pytree` (default: the eval-mode `model.apply`).
+  Returns:
+    The output pytree as float64 numpy arrays.
+  """
+  apply = apply or (lambda m, v, a: m.apply(v, a))
+  with jax.enable_x64(True):
+    to64 = lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a
+    model64 = model.clone(dtype=jnp.float64)
+    output = jax.jit(functools.partial(apply, model64))(jax.tree.map(to64, variables), to64(x))
+    return jax.tree.map(np.asarray, output)
+
+
 def flax_rounding(model, variables, x, float32_output=None, apply=None) -> float:
   """Relative error of our float32 `model` on `x` against the same model in float64.
 
@@ -57,24 +76,15 @@ def flax_rounding(model, variables, x, float32_output=None, apply=None) -> float
   the float32 rounding on that model and input.
 
   Args:
-    model: a Flax model with a `dtype` field (its computation dtype).
-    variables: its float32 variables (cast to float64 for the truth).
-    x: the float32 input.
+    model, variables, x, apply: as for `flax_float64` (one output array).
     float32_output: the float32 output, when the caller has it already (saves a compile).
-    apply: `apply(model, variables, x) -> output` (default: the eval-mode `model.apply`).
   Returns:
     max |float64 - float32| / max |float64|.
   """
   apply = apply or (lambda m, v, a: m.apply(v, a))
   if float32_output is None:
     float32_output = jax.jit(functools.partial(apply, model))(variables, x)
-  float32_output = np.asarray(float32_output, np.float64)
-  with jax.enable_x64(True):
-    to64 = lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a
-    model64 = model.clone(dtype=jnp.float64)
-    output64 = jax.jit(functools.partial(apply, model64))(jax.tree.map(to64, variables), to64(x))
-    output64 = np.asarray(output64)
-  return helpers.relative_error(output64, float32_output)
+  return helpers.relative_error(flax_float64(model, variables, x, apply), float32_output)
 
 
 def flax_tolerance(model, variables, x, float32_output=None, apply=None) -> float:
