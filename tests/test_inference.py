@@ -124,10 +124,16 @@ def test_bfloat16_close_to_float32(tiny, images):
   assert 0 < err < 0.05, err  # Really computed in bfloat16, and still close.
 
 
+# RepMLPNet-B224 with the variables and input of the test below, float32 against itself in
+# float64 (relative, logits): training form 6.1e-7, deploy form 4.6e-7. Measured once (the float64
+# B224 compile alone would add ~25 s to the test on CPU); BN scales 0.2..0.6 (fast_init) keep
+# the activations bounded (helpers.randomize_batch_norm says why).
+B224_ROUNDING = 6.1e-7
+
+
 def test_b224_predict_random_weights():
   model = repmlp_jax.create_model('RepMLPNet-B224')
-  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
-  variables = helpers.randomize_batch_norm(variables, seed=2)
+  variables = fast_init.random_variables(model, (1, 224, 224, 3), seed=2)
   x = np.random.default_rng(1).normal(size=(2, 224, 224, 3)).astype(np.float32)
   deploy = inference.Predictor(model, variables, batch_size=2)
   train = inference.Predictor(model, variables, batch_size=2, reparameterize_model=False)
@@ -136,7 +142,10 @@ def test_b224_predict_random_weights():
   assert c_d.shape == s_d.shape == (2, 5)
   assert np.all(np.diff(s_d, axis=1) <= 0)
   np.testing.assert_array_equal(c_d[:, 0], c_t[:, 0])
-  np.testing.assert_allclose(s_d, s_t, atol=1e-5)
+  # Bound: 8x B224's float32 rounding through the softmax (here 1.6e-5 relative per score);
+  # the two forms' scores are 2.4e-7 apart.
+  rtol = _probability_rtol(train.logits(x), rounding.FACTOR * B224_ROUNDING)
+  np.testing.assert_allclose(s_d, s_t, rtol=rtol, atol=0)
   assert deploy.class_names[0] == 'tench'
 
 

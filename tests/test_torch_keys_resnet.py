@@ -75,6 +75,19 @@ def test_tiny_import_matches_pytorch_in_both_forms(kind):
     _assert_round_trips(sd, variables, model)
 
 
+@pytest.mark.parametrize('kind', ['light', 'bottleneck', 'plain'])
+def test_both_forms_round_trip_exactly_without_a_forward(kind):
+  # The conversions alone (no compile): every key, its order, shape and value come back.
+  torch.manual_seed(0)
+  reference = tr.randomize_bn_(tr.RepMLPResNet(kind, **TINY), seed=1)
+  for sd in (_numpy(reference.state_dict()), _numpy(tr.deploy_state_dict(reference))):
+    name, overrides, deploy = tk.detect(sd)
+    model = repmlp_jax.create_model(name, deploy=deploy, **overrides)
+    variables = tk.variables_from_torch(sd, model)
+    assert ('batch_stats' in variables) != deploy
+    _assert_round_trips(sd, variables, model)
+
+
 @pytest.mark.parametrize('kind, name', [('light', 'RepMLP-ResNet50-Light'),
                                         ('bottleneck', 'RepMLP-ResNet50-Bottleneck')])
 def test_resnet50_import_and_reparam_match_pytorch(kind, name):

@@ -4,6 +4,7 @@
     python tests/mutation/run.py                      # every target (hours on 2 cores)
     python tests/mutation/run.py fusion reassembly    # some targets
     python tests/mutation/run.py --recheck            # only the survivors of the last run
+    python tests/mutation/run.py keys_repmlpnet --functions _bn_affine,_group_to_flax
 
 cosmic-ray edits the module under test in place, so everything runs in a scratch copy of the
 tree (default /tmp/repmlp-mutation/src; the working tree is never touched). Each target is one
@@ -117,8 +118,12 @@ def test_args(src: str, name: str) -> str:
   return ' -k '.join([' '.join(files)] + words[1:])
 
 
+FUNCTIONS: dict[str, tuple[str, ...]] = {}  # --functions: a narrower set than the target's.
+
+
 def write_config(src: str, workdir: str, name: str) -> str:
   module, functions, _ = TARGETS[name]
+  functions = FUNCTIONS.get(name, functions)
   tests = test_args(src, name)
   lines = [
       '[cosmic-ray]',
@@ -172,7 +177,7 @@ def run_target(src: str, workdir: str, name: str, dry_run: bool = False) -> tupl
     os.remove(session)
   subprocess.run([tool('cosmic-ray'), 'init', config, session], cwd=src, check=True)
   subprocess.run([tool('cr-filter-operators'), session, config], cwd=src, check=True)
-  if TARGETS[name][1]:
+  if FUNCTIONS.get(name, TARGETS[name][1]):
     subprocess.run([tool('cr-filter-lines'), '--config', config, session], cwd=src, check=True)
   pending = sum(1 for _, r in results(session) if r is None)
   print(f'[{name}] {pending} mutants', flush=True)
@@ -217,9 +222,16 @@ def main() -> None:
   parser.add_argument('--dry-run', action='store_true', help='only count the mutants')
   parser.add_argument('--exclude-tests', action='append', default=[], metavar='FILE',
                       help='a test file left out (to measure what newer tests add); repeatable')
+  parser.add_argument('--functions', default='', metavar='F1,F2',
+                      help='mutate only these top-level functions of the (single) target: a '
+                           'shorter run over the numerical lines of a large module')
   args = parser.parse_args()
   EXCLUDED_TESTS.update(args.exclude_tests)
   names = args.targets or list(TARGETS)
+  if args.functions:
+    if len(names) != 1:
+      raise SystemExit('--functions needs exactly one target.')
+    FUNCTIONS[names[0]] = tuple(args.functions.split(','))
   unknown = sorted(set(names) - set(TARGETS))
   if unknown:
     raise SystemExit(f'Unknown targets {unknown}; choose from {sorted(TARGETS)}.')
