@@ -182,3 +182,22 @@ def test_variables_of_another_model_are_refused():
   with pytest.raises(ValueError, match=r'belong to .*: params/linear/kernel has shape '
                      r'\(256, 3\), expected \(256, 10\)$'):
     tk.variables_to_torch(variables, model)
+
+
+def test_every_problem_of_the_variables_is_reported_at_once():
+  # A missing leaf, then a mis-shaped one; a mis-shaped leaf, then a missing one: all four named.
+  model = repmlp_jax.create_model('_RepMLP-ResNet-Tiny', num_classes=10)
+  variables = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), model_io.abstract_variables(model))
+  del variables['params']['stage0_0']['conv']['kernel']
+  variables['params']['linear']['kernel'] = np.zeros((256, 3), np.float32)
+  variables['params']['stage1_0']['conv1']['conv']['kernel'] = np.zeros((1, 1, 1, 1), np.float32)
+  del variables['batch_stats']['stage4_0']
+  with pytest.raises(ValueError) as info:
+    tk.variables_to_torch(variables, model)
+  message = str(info.value)
+  assert message.startswith('The variables do not belong to RepMLPResNet')
+  for problem in ('missing params/stage0_0/conv/kernel',
+                  'params/stage1_0/conv1/conv/kernel has shape (1, 1, 1, 1)',
+                  'missing batch_stats/stage4_0/',
+                  'params/linear/kernel has shape (256, 3), expected (256, 10)'):
+    assert problem in message, problem

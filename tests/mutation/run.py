@@ -66,7 +66,8 @@ TARGETS = {  # In the order they run: the cheapest first.
     'keys_resnet': ('repmlp_jax/pytorch/keys_resnet.py',
                     ('_torch_shape', '_to_flax', '_to_torch', 'variables_from_torch',
                      'variables_to_torch'),
-                    'tests/test_torch_import_resnet.py -k "deploy_on_import"'),
+                    'tests/test_torch_import_resnet.py tests/test_torch_keys_resnet.py '
+                    '-k "deploy_on_import or round_trip or another_model or reported_at_once"'),
 }
 
 # One natural replacement per operator (a bug someone could write), not every operator pair:
