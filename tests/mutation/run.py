@@ -58,8 +58,8 @@ TARGETS = {  # In the order they run: the cheapest first.
                        'tests/test_reparam_rules.py '
                        '-k "by_hand or float64 or pytorch_reference or v1_rules"'),
     'keys_repmlpnet': ('repmlp_jax/pytorch/keys_repmlpnet.py',
-                       ('_bn_to_flax', '_oihw_to_hwio', '_group_to_flax', '_bn_to_torch',
-                        '_group_to_torch'),
+                       ('_bn_to_flax', '_bn_affine', '_identity_bn', '_oihw_to_hwio',
+                        '_group_to_flax', '_bn_to_torch', '_group_to_torch'),
                        'tests/test_core_numerics.py tests/test_torch_export.py '
                        'tests/test_torch_import.py -k "identity or round_trip or mmpretrain or '
                        'tiny_deploy_form or reparam_equals"'),
