@@ -7,10 +7,16 @@ itself on the same input (its float32 logits against its float64 logits), not a 
 the small test models float32 rounding is ~1e-7, and a fixed 1e-5 let systematic errors of a few
 1e-6 (a wrong epsilon, a wrong identity BatchNorm) pass. Exactness itself is proven in float64
 elsewhere (<= 1e-10).
+
+Where the reference is our own model (train form against deploy form), `flax_tolerance` does the
+same with our model in float32 against itself in float64.
 """
 
 import copy
+import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 
@@ -41,3 +47,46 @@ def torch_rounding(torch_model: torch.nn.Module, x: torch.Tensor) -> float:
 def tolerance(torch_model: torch.nn.Module, x: torch.Tensor) -> float:
   """FACTOR x the float32 rounding of `torch_model` on `x` (at least FACTOR float32 ulps)."""
   return FACTOR * max(torch_rounding(torch_model, x), FLOAT32_EPS)
+
+
+def flax_float64(model, variables, x, apply=None):
+  """The float64 truth of our float32 `model`: its output with every float cast to float64.
+
+  Args:
+    model: a Flax model with a `dtype` field (its computation dtype).
+    variables: its float32 variables (cast to float64 here).
+    x: the float32 input.
+    apply: `apply(model, variables, x) -> output pytree` (default: the eval-mode `model.apply`).
+  Returns:
+    The output pytree as float64 numpy arrays.
+  """
+  apply = apply or (lambda m, v, a: m.apply(v, a))
+  with jax.enable_x64(True):
+    to64 = lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a
+    model64 = model.clone(dtype=jnp.float64)
+    output = jax.jit(functools.partial(apply, model64))(jax.tree.map(to64, variables), to64(x))
+    return jax.tree.map(np.asarray, output)
+
+
+def flax_rounding(model, variables, x, float32_output=None, apply=None) -> float:
+  """Relative error of our float32 `model` on `x` against the same model in float64.
+
+  For comparisons whose reference is not a PyTorch model (train form against deploy form, two
+  batchings of one model): the float64 run is the truth, and its distance to the float32 run is
+  the float32 rounding on that model and input.
+
+  Args:
+    model, variables, x, apply: as for `flax_float64` (one output array).
+    float32_output: the float32 output, when the caller has it already (saves a compile).
+  Returns:
+    max |float64 - float32| / max |float64|.
+  """
+  apply = apply or (lambda m, v, a: m.apply(v, a))
+  if float32_output is None:
+    float32_output = jax.jit(functools.partial(apply, model))(variables, x)
+  return helpers.relative_error(flax_float64(model, variables, x, apply), float32_output)
+
+
+def flax_tolerance(model, variables, x, float32_output=None, apply=None) -> float:
+  """FACTOR x `flax_rounding(...)` (at least FACTOR float32 ulps)."""
+  return FACTOR * max(flax_rounding(model, variables, x, float32_output, apply), FLOAT32_EPS)

@@ -13,6 +13,7 @@ from repmlp_jax.reparameterize import fusion as rp
 from repmlp_jax.reparameterize import resnet as rpr
 from tests import fast_init
 from tests import helpers
+from tests import rounding
 from tests import torch_reference as tr
 
 # (C, O, H, W, h, w, K, fc1_fc2_reduction, fc3_groups)
@@ -95,7 +96,13 @@ def test_deploy_matches_training_form_float32(name):
   expected = {'fc3', 'fc3_bias'} | ({'fc1_fc2'} if block.has_global_perceptron else set())
   assert set(deploy_vars['params']) == expected
   assert y.shape == (3, block.H, block.W, block.out_channels)
-  assert helpers.relative_error(y, y_deploy) <= 1e-5
+  # Bound: 8x the training form's own float32 rounding on x (against itself in float64,
+  # tests/rounding.py); both forms compute one function, so they differ by about twice that.
+  # Measured on these blocks: rounding up to 1.5e-7 (floor: one ulp, 1.2e-7), so bounds of
+  # 9.5e-7 .. 1.2e-6; train vs deploy 1.0e-7 .. 2.6e-7.
+  tolerance = rounding.flax_tolerance(block, variables, x, float32_output=y)
+  err = helpers.relative_error(y, y_deploy)
+  assert err <= tolerance, (err, tolerance)
 
 
 @pytest.mark.parametrize('name', ['kernels1357-C<O', 'C!=O-rectangular', 'one-partition-no-gp'])

@@ -19,6 +19,7 @@ from repmlp_jax import model_io
 from repmlp_jax.pytorch import mapping as state_dict_mapping
 from repmlp_jax.pytorch import keys_resnet as tk
 from tests import helpers
+from tests import rounding
 from tests import torch_reference as tr
 
 TINY = dict(num_blocks=(1, 2, 2, 1), num_classes=10, img_size=64, h=2, w=2, c3_groups=2,
@@ -34,8 +35,12 @@ def _apply(model):
   return jax.jit(functools.partial(model.apply, train=False))
 
 
+def _nhwc(x):
+  return jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+
+
 def _logits(model, variables, x):
-  return np.asarray(_apply(model)(variables, jnp.asarray(x.numpy().transpose(0, 2, 3, 1))))
+  return np.asarray(_apply(model)(variables, _nhwc(x)))
 
 
 def _assert_round_trips(sd, variables, model):
@@ -54,6 +59,9 @@ def test_tiny_import_matches_pytorch_in_both_forms(kind):
   x = torch.randn(2, 3, 64, 64)
   with torch.no_grad():
     expected = reference(x).numpy()
+  # Bound: 8x the reference's own float32 rounding on x (tests/rounding.py). Measured: rounding
+  # 1.2e-7 .. 2.6e-7, so bounds of 9.5e-7 .. 2.1e-6; our logits 1.7e-7 .. 4.3e-7 off (both forms).
+  tolerance = rounding.tolerance(reference, x)
   for sd in (_numpy(reference.state_dict()), _numpy(tr.deploy_state_dict(reference))):
     name, overrides, deploy = tk.detect(sd)
     assert deploy == ('stage0.0.conv.bias' in sd)
@@ -62,7 +70,21 @@ def test_tiny_import_matches_pytorch_in_both_forms(kind):
     if kind != 'plain':
       assert (model.image_size, model.h, model.c3_groups, model.c4_groups) == (64, 2, 2, 4)
     variables = tk.variables_from_torch(sd, model)
-    assert helpers.relative_error(expected, _logits(model, variables, x)) <= 1e-5
+    err = helpers.relative_error(expected, _logits(model, variables, x))
+    assert err <= tolerance, (err, tolerance)
+    _assert_round_trips(sd, variables, model)
+
+
+@pytest.mark.parametrize('kind', ['light', 'bottleneck', 'plain'])
+def test_both_forms_round_trip_exactly_without_a_forward(kind):
+  # The conversions alone (no compile): every key, its order, shape and value come back.
+  torch.manual_seed(0)
+  reference = tr.randomize_bn_(tr.RepMLPResNet(kind, **TINY), seed=1)
+  for sd in (_numpy(reference.state_dict()), _numpy(tr.deploy_state_dict(reference))):
+    name, overrides, deploy = tk.detect(sd)
+    model = repmlp_jax.create_model(name, deploy=deploy, **overrides)
+    variables = tk.variables_from_torch(sd, model)
+    assert ('batch_stats' in variables) != deploy
     _assert_round_trips(sd, variables, model)
 
 
@@ -79,18 +101,31 @@ def test_resnet50_import_and_reparam_match_pytorch(kind, name):
   model = repmlp_jax.create_model(name)
   variables = tk.variables_from_torch(sd, model)
   y = _logits(model, variables, x)
-  assert helpers.relative_error(expected, y) <= 1e-5
+  # Exactness first: our model in float64 against the reference in float64 (<= 1e-10), so any
+  # systematic error fails here whatever the precision. What is left between the float32 runs is
+  # rounding: |t32 - y32| <= |t32 - t64| + |t64 - y64| + |y64 - y32|, the two roundings added.
+  # At this size ours is the larger (XLA:CPU's long float32 sums): bottleneck 2.3e-6, light
+  # 1.1e-6, against PyTorch's 2.1e-7 for both. The bound is twice their sum (the deploy forms'
+  # roundings are not measured, the factor covers them): 5.1e-6 and 2.5e-6; measured: ours 2.4e-6
+  # and 1.1e-6 off PyTorch's (both forms), the train and deploy forms 3.1e-7 and 3.4e-7 apart.
+  torch64 = rounding.torch_float64_logits(reference, x)
+  ours64 = rounding.flax_float64(model, variables, _nhwc(x))
+  assert helpers.relative_error(torch64, ours64) <= 1e-10
+  tolerance = 2 * (helpers.relative_error(torch64, expected) + helpers.relative_error(ours64, y))
+  assert helpers.relative_error(expected, y) <= tolerance
   # This project's reparam: train form == deploy form, at full size.
   deploy_model = model.clone(deploy=True)
   ours = jax.jit(functools.partial(repmlp_jax.reparam_variables, model))(variables)
-  assert helpers.relative_error(y, _logits(deploy_model, ours, x)) <= 1e-5
+  assert helpers.relative_error(y, _logits(deploy_model, ours, x)) <= tolerance
   # The official deploy file imports into the deploy form and gives the same logits.
   deploy_sd = _numpy(tr.deploy_state_dict(reference))
   assert tk.detect(deploy_sd) == (name, {}, True)
   official = tk.variables_from_torch(deploy_sd, deploy_model)
-  assert helpers.relative_error(expected, _logits(deploy_model, official, x)) <= 1e-5
+  assert helpers.relative_error(expected, _logits(deploy_model, official, x)) <= tolerance
+  # Each fused fc3 entry is fc3 * BN scale plus a few (<= 4) float32 branch terms, rounded a few
+  # ulps by each conversion: 8 ulps of the largest entry (9.5e-7). Measured: 1.5e-7.
   fc3 = lambda v: v['params']['stage3_1'][f'{"light" if kind == "light" else "btnk"}_repmlp']['fc3']
-  assert helpers.relative_error(fc3(official), fc3(ours)) <= 1e-5
+  assert helpers.relative_error(fc3(official), fc3(ours)) <= rounding.FACTOR * rounding.FLOAT32_EPS
   assert list(tk.variables_to_torch(official, deploy_model)) == list(deploy_sd)
 
 
@@ -150,3 +185,22 @@ def test_variables_of_another_model_are_refused():
   with pytest.raises(ValueError, match=r'belong to .*: params/linear/kernel has shape '
                      r'\(256, 3\), expected \(256, 10\)$'):
     tk.variables_to_torch(variables, model)
+
+
+def test_every_problem_of_the_variables_is_reported_at_once():
+  # A missing leaf, then a mis-shaped one; a mis-shaped leaf, then a missing one: all four named.
+  model = repmlp_jax.create_model('_RepMLP-ResNet-Tiny', num_classes=10)
+  variables = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), model_io.abstract_variables(model))
+  del variables['params']['stage0_0']['conv']['kernel']
+  variables['params']['linear']['kernel'] = np.zeros((256, 3), np.float32)
+  variables['params']['stage1_0']['conv1']['conv']['kernel'] = np.zeros((1, 1, 1, 1), np.float32)
+  del variables['batch_stats']['stage4_0']
+  with pytest.raises(ValueError) as info:
+    tk.variables_to_torch(variables, model)
+  message = str(info.value)
+  assert message.startswith('The variables do not belong to RepMLPResNet')
+  for problem in ('missing params/stage0_0/conv/kernel',
+                  'params/stage1_0/conv1/conv/kernel has shape (1, 1, 1, 1)',
+                  'missing batch_stats/stage4_0/',
+                  'params/linear/kernel has shape (256, 3), expected (256, 10)'):
+    assert problem in message, problem

@@ -4,6 +4,7 @@
     python tests/mutation/run.py                      # every target (hours on 2 cores)
     python tests/mutation/run.py fusion reassembly    # some targets
     python tests/mutation/run.py --recheck            # only the survivors of the last run
+    python tests/mutation/run.py keys_repmlpnet --functions _bn_affine,_group_to_flax
 
 cosmic-ray edits the module under test in place, so everything runs in a scratch copy of the
 tree (default /tmp/repmlp-mutation/src; the working tree is never touched). Each target is one
@@ -49,21 +50,24 @@ TARGETS = {  # In the order they run: the cheapest first.
     'fusion': ('repmlp_jax/reparameterize/fusion.py', None, _FUSION_TESTS),
     'reparam_repmlpnet': ('repmlp_jax/reparameterize/repmlpnet.py', None,
                           'tests/test_core_numerics.py tests/test_reparam.py '
+                          'tests/test_reparam_rules.py '
                           '-k "reparam_equals or equivalence_float64"'),
     'export': ('repmlp_jax/inference/export.py', None, 'tests/test_export.py'),
     'reparam_resnet': ('repmlp_jax/reparameterize/resnet.py', None,
                        'tests/test_repmlp_block.py tests/test_core_numerics.py '
-                       '-k "by_hand or float64 or pytorch_reference"'),
+                       'tests/test_reparam_rules.py '
+                       '-k "by_hand or float64 or pytorch_reference or v1_rules"'),
     'keys_repmlpnet': ('repmlp_jax/pytorch/keys_repmlpnet.py',
-                       ('_bn_to_flax', '_oihw_to_hwio', '_group_to_flax', '_bn_to_torch',
-                        '_group_to_torch'),
+                       ('_bn_to_flax', '_bn_affine', '_identity_bn', '_oihw_to_hwio',
+                        '_group_to_flax', '_bn_to_torch', '_group_to_torch'),
                        'tests/test_core_numerics.py tests/test_torch_export.py '
                        'tests/test_torch_import.py -k "identity or round_trip or mmpretrain or '
                        'tiny_deploy_form or reparam_equals"'),
     'keys_resnet': ('repmlp_jax/pytorch/keys_resnet.py',
                     ('_torch_shape', '_to_flax', '_to_torch', 'variables_from_torch',
                      'variables_to_torch'),
-                    'tests/test_torch_import_resnet.py -k "deploy_on_import"'),
+                    'tests/test_torch_import_resnet.py tests/test_torch_keys_resnet.py '
+                    '-k "deploy_on_import or round_trip or another_model or reported_at_once"'),
 }
 
 # One natural replacement per operator (a bug someone could write), not every operator pair:
@@ -115,8 +119,12 @@ def test_args(src: str, name: str) -> str:
   return ' -k '.join([' '.join(files)] + words[1:])
 
 
+FUNCTIONS: dict[str, tuple[str, ...]] = {}  # --functions: a narrower set than the target's.
+
+
 def write_config(src: str, workdir: str, name: str) -> str:
   module, functions, _ = TARGETS[name]
+  functions = FUNCTIONS.get(name, functions)
   tests = test_args(src, name)
   lines = [
       '[cosmic-ray]',
@@ -170,7 +178,7 @@ def run_target(src: str, workdir: str, name: str, dry_run: bool = False) -> tupl
     os.remove(session)
   subprocess.run([tool('cosmic-ray'), 'init', config, session], cwd=src, check=True)
   subprocess.run([tool('cr-filter-operators'), session, config], cwd=src, check=True)
-  if TARGETS[name][1]:
+  if FUNCTIONS.get(name, TARGETS[name][1]):
     subprocess.run([tool('cr-filter-lines'), '--config', config, session], cwd=src, check=True)
   pending = sum(1 for _, r in results(session) if r is None)
   print(f'[{name}] {pending} mutants', flush=True)
@@ -215,9 +223,16 @@ def main() -> None:
   parser.add_argument('--dry-run', action='store_true', help='only count the mutants')
   parser.add_argument('--exclude-tests', action='append', default=[], metavar='FILE',
                       help='a test file left out (to measure what newer tests add); repeatable')
+  parser.add_argument('--functions', default='', metavar='F1,F2',
+                      help='mutate only these top-level functions of the (single) target: a '
+                           'shorter run over the numerical lines of a large module')
   args = parser.parse_args()
   EXCLUDED_TESTS.update(args.exclude_tests)
   names = args.targets or list(TARGETS)
+  if args.functions:
+    if len(names) != 1:
+      raise SystemExit('--functions needs exactly one target.')
+    FUNCTIONS[names[0]] = tuple(args.functions.split(','))
   unknown = sorted(set(names) - set(TARGETS))
   if unknown:
     raise SystemExit(f'Unknown targets {unknown}; choose from {sorted(TARGETS)}.')
