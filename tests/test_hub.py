@@ -14,9 +14,7 @@ from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-n
 
 import repmlp_jax  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from repmlp_jax import hub  # pylint: disable=g-import-not-at-top
-from repmlp_jax import model_io  # pylint: disable=g-import-not-at-top
 from tests import fast_init  # pylint: disable=g-import-not-at-top
-from tests import helpers  # pylint: disable=g-import-not-at-top
 
 TINY = '_RepMLPNet-Tiny'  # 32 x 32 inputs.
 V1 = 'RepMLP-CIFAR-PureMLP'  # The paper's pure-MLP CIFAR model (v1 RepMLP blocks), 32 x 32.

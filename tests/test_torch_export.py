@@ -10,8 +10,6 @@ import torch
 
 import repmlp_jax
 from repmlp_jax import model_io
-from repmlp_jax.pytorch import exporter as torch_export
-from repmlp_jax.pytorch import importer as torch_import
 from tests import helpers
 from tests import rounding
 from tests import torch_checkpoints as tc
