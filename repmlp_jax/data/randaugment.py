@@ -83,11 +83,6 @@ def _apply_luts(image: tf.Tensor, luts: tf.Tensor) -> tf.Tensor:
   return tf.gather(tf.reshape(luts, [-1]), tf.cast(image, tf.int32) + offsets)
 
 
-def _apply_lut(image: tf.Tensor, lut: tf.Tensor) -> tf.Tensor:
-  """image -> lut[image], the same uint8 (256,) table for every channel."""
-  return tf.gather(lut, tf.cast(image, tf.int32))
-
-
 def _values() -> tf.Tensor:
   """Every uint8 value 0..255 as int32, the domain of a lookup table."""
   return tf.range(256)
@@ -170,29 +165,36 @@ def _rotate(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor, seed: tf.Tens
   return _pil_affine(image, matrix, centre - tf.linalg.matvec(matrix, centre))
 
 
-# Point ops (each output pixel a function of the same input pixel) are lookup tables.
+# Point ops (each output pixel a function of the same input pixel) are uint8 arithmetic where it
+# exists (a few cheap element-wise ops), lookup tables where it does not. Both avoid tf.where over
+# the image, which costs more than the whole op otherwise.
 
 
 def _posterize(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   del negate, seed
   shift = 8 - tf.cast(level / MAX_LEVEL * 4.0, tf.int32)  # bits to drop; 8 keeps nothing
-  x = tf.cast(image, tf.int32)
-  return tf.cast(tf.bitwise.left_shift(tf.bitwise.right_shift(x, shift), shift), tf.uint8)
+  # v >> shift << shift keeps the high bits: one AND with those bits set.
+  mask = tf.cast(tf.bitwise.left_shift(255, shift) % 256, tf.uint8)
+  return tf.bitwise.bitwise_and(image, mask)
 
 
 def _solarize(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   del negate, seed
   threshold = tf.cast(level / MAX_LEVEL * 256.0, tf.int32)
-  return _apply_lut(image, tf.cast(tf.where(_values() >= threshold, 255 - _values(), _values()),
-                                   tf.uint8))
+  # 255 - v == v XOR 255: XOR with 255 where v >= threshold; a threshold above 255 inverts none.
+  invert = tf.cast(tf.where(threshold <= 255, 255, 0), tf.uint8)
+  above = tf.cast(image >= tf.cast(tf.minimum(threshold, 255), tf.uint8), tf.uint8)
+  return tf.bitwise.bitwise_xor(image, above * invert)
 
 
 def _solarize_add(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor,
                   seed: tf.Tensor) -> tf.Tensor:
   del negate, seed
-  add = tf.cast(level / MAX_LEVEL * 110.0, tf.int32)
-  lut = tf.where(_values() < 128, tf.minimum(_values() + add, 255), _values())
-  return _apply_lut(image, tf.cast(lut, tf.uint8))
+  add = tf.cast(tf.cast(level / MAX_LEVEL * 110.0, tf.int32), tf.uint8)  # at most 154
+  # min(v + add, 255) without overflow is min(v, 255 - add) + add; it replaces v where v < 128.
+  # uint8 arithmetic wraps, so v + low * (new - v) is new where low is 1 and v where it is 0.
+  low = tf.cast(image < 128, tf.uint8)
+  return image + low * (tf.minimum(image, 255 - add) + add - image)
 
 
 def _color(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
@@ -285,12 +287,10 @@ def _cutout(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor, seed: tf.Tens
   centre_x = tf.random.stateless_uniform([], x_seed, 0, width, tf.int32)
   top, bottom = tf.maximum(centre_y - half, 0), tf.minimum(centre_y + half, height)
   left, right = tf.maximum(centre_x - half, 0), tf.minimum(centre_x + half, width)
-  # The hole as padding around a block: no broadcasting select over the whole image.
-  around = [[top, height - bottom], [left, width - right], [0, 0]]
-  block = [bottom - top, right - left, 3]
-  keep = tf.pad(tf.zeros(block, tf.uint8), around, constant_values=1)
-  fill = tf.pad(tf.fill(block, tf.constant(FILL, tf.uint8)), around)
-  return image * keep + fill
+  # The image reassembled around the hole: copies of slices, no per-pixel select.
+  hole = tf.fill([bottom - top, right - left, 3], tf.constant(FILL, tf.uint8))
+  band = tf.concat([image[top:bottom, :left], hole, image[top:bottom, right:]], 1)
+  return tf.concat([image[:top], band, image[bottom:]], 0)
 
 
 # The official `_RAND_TRANSFORMS`, in its order.
