@@ -99,9 +99,10 @@ def _edge_case_images() -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize('name', ['AutoContrast', 'Equalize', 'PosterizeTpu', 'Solarize',
-                                  'SolarizeAdd', 'Color', 'Contrast', 'Brightness'])
+                                  'SolarizeAdd', 'Color', 'Contrast', 'Brightness', 'Sharpness'])
 def test_pixel_ops_match_pil_at_every_level(name):
-  # These ops are computed as lookup tables and matrix products: exact at every level.
+  # These ops are computed in exact integer or float arithmetic, lookup tables and matrix
+  # products: exact at every level.
   levels = [0.0] if name in ('AutoContrast', 'Equalize') else [float(l) for l in range(15)]
   if name == 'PosterizeTpu':
     levels = levels[3:]  # Below 3 no bit is kept (a black image), which PIL refuses.

@@ -282,14 +282,17 @@ def _brightness(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor,
 
 def _sharpness(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   del negate, seed
-  # PIL's SMOOTH filter; it leaves the one-pixel border unfiltered.
-  kernel = tf.constant([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0
-  kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
+  # PIL's SMOOTH filter ([[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, rounded); it leaves the
+  # one-pixel border unfiltered. The weighted sum s of 9 pixels is a whole number, computed
+  # exactly in float32 from shifted slices; s / 13 is never within 1/26 of a half, so any
+  # float rounding of the filter rounds as (s + 6) // 13, which is exact in float32 as well.
   x = tf.cast(image, tf.float32)
-  smooth = tf.nn.depthwise_conv2d(x[None], kernel, [1, 1, 1, 1], 'VALID')[0]
-  smooth = tf.pad(tf.floor(smooth + 0.5), [[1, 1], [1, 1], [0, 0]])
-  interior = tf.pad(tf.ones_like(smooth[1:-1, 1:-1], tf.bool), [[1, 1], [1, 1], [0, 0]])
-  return _blend(tf.where(interior, smooth, x), image, _enhance_factor(level))
+  rows = x[:, :-2] + x[:, 1:-1] + x[:, 2:]
+  total = rows[:-2] + rows[1:-1] + rows[2:] + 4.0 * x[1:-1, 1:-1]
+  smooth = tf.floor((total + 6.0) / 13.0)
+  middle = tf.concat([x[1:-1, :1], smooth, x[1:-1, -1:]], 1)
+  degenerate = tf.concat([x[:1], middle, x[-1:]], 0)
+  return _blend(degenerate, image, _enhance_factor(level))
 
 
 def _shear_x(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
