@@ -89,7 +89,7 @@ def _values() -> tf.Tensor:
 
 
 def _per_channel(values: tf.Tensor) -> tf.Tensor:
-  """(H, W) -> (H, W, 3), repeated over channels: a product with ones, exact and cheaper than tile."""
+  """(H, W) -> (H, W, 3), repeated over channels: a product with ones (exact, cheaper than tile)."""
   return tf.reshape(tf.matmul(tf.reshape(values, [-1, 1]), tf.ones([1, 3])),
                     tf.concat([tf.shape(values), [3]], 0))
 
@@ -142,7 +142,7 @@ def _shear(image: tf.Tensor, factor: tf.Tensor, axis: int) -> tf.Tensor:
   ((floor s + 1) - s) * p[floor s] + (s - floor s) * p[floor s + 1] (the weight of the other
   neighbouring row or column is exactly 0). Its kernel computes s as (t_a x + t_b y) + t_c in
   float32, left to right; the same float32 operations here, with two gathers of pixels instead
-  of the per-pixel transform, cost about half as much.
+  of the per-pixel transform, cost about 40% less.
   """
   zero, one = tf.zeros_like(factor), tf.ones_like(factor)
   matrix = tf.stack([tf.stack([one, factor if axis == 1 else zero]),
