@@ -99,9 +99,10 @@ def _edge_case_images() -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize('name', ['AutoContrast', 'Equalize', 'PosterizeTpu', 'Solarize',
-                                  'SolarizeAdd', 'Color', 'Contrast', 'Brightness'])
+                                  'SolarizeAdd', 'Color', 'Contrast', 'Brightness', 'Sharpness'])
 def test_pixel_ops_match_pil_at_every_level(name):
-  # These ops are computed as lookup tables and matrix products: exact at every level.
+  # These ops are computed in exact integer or float arithmetic, lookup tables and matrix
+  # products: exact at every level.
   levels = [0.0] if name in ('AutoContrast', 'Equalize') else [float(l) for l in range(15)]
   if name == 'PosterizeTpu':
     levels = levels[3:]  # Below 3 no bit is kept (a black image), which PIL refuses.
@@ -112,19 +113,45 @@ def test_pixel_ops_match_pil_at_every_level(name):
       np.testing.assert_array_equal(out, expected, err_msg=f'{name} level {level}')
 
 
-@pytest.mark.parametrize('name', ['TranslateXRel', 'TranslateYRel'])
-def test_translations_equal_the_projective_transform(name):
-  # Translations are computed by rows; they must equal TF's projective transform bit for bit.
-  image = np.random.default_rng(3).integers(0, 256, (36, 44, 3), np.uint8)
-  size = image.shape[1] if name == 'TranslateXRel' else image.shape[0]
-  for level in range(15):
-    for negate in (False, True):
-      fraction = tf.constant(float(level)) / randaugment.MAX_LEVEL * 0.45
-      pixels = randaugment._signed(fraction, tf.constant(negate)) * float(size)
-      offset = tf.stack([pixels, 0.0] if name == 'TranslateXRel' else [0.0, pixels])
-      expected = randaugment._pil_affine(tf.constant(image), tf.eye(2), offset).numpy()
-      out = randaugment.apply_op(tf.constant(image), name, float(level), negate=negate).numpy()
-      np.testing.assert_array_equal(out, expected, err_msg=f'{name} level {level} {negate}')
+def _projective_reference(name: str, image: tf.Tensor, level: tf.Tensor,
+                          negate: tf.Tensor) -> tf.Tensor:
+  """The op computed by TF's projective transform (`_pil_affine`), pixel by pixel."""
+  fraction = level / randaugment.MAX_LEVEL * (0.3 if name.startswith('Shear') else 0.45)
+  value = randaugment._signed(fraction, negate)
+  zero, one = tf.constant(0.0), tf.constant(1.0)
+  matrix, offset = tf.eye(2), tf.zeros([2])
+  if name == 'ShearX':
+    matrix = tf.stack([tf.stack([one, value]), tf.stack([zero, one])])
+  elif name == 'ShearY':
+    matrix = tf.stack([tf.stack([one, zero]), tf.stack([value, one])])
+  elif name == 'TranslateXRel':
+    offset = tf.stack([value * tf.cast(tf.shape(image)[1], tf.float32), zero])
+  else:
+    offset = tf.stack([zero, value * tf.cast(tf.shape(image)[0], tf.float32)])
+  return randaugment._pil_affine(image, matrix, offset)
+
+
+@pytest.mark.parametrize('name', ['ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel'])
+def test_geometric_ops_equal_the_projective_transform(name):
+  # Shears and translations are computed with gathers of rows or pixels; they must equal TF's
+  # projective transform bit for bit, at every level, sign and size, both eagerly and inside
+  # tf.data (whose graph optimizer rewrites arithmetic).
+  rng = np.random.default_rng(3)
+  levels = np.repeat(np.arange(15, dtype=np.float32), 2)
+  negates = np.tile([False, True], 15)
+  for shape in ((36, 44, 3), (45, 31, 3), (224, 224, 3)):
+    image = tf.constant(rng.integers(0, 256, shape, np.uint8))
+    cases = tf.data.Dataset.from_tensor_slices((levels, negates))
+    expected = cases.map(lambda level, negate: _projective_reference(name, image, level, negate))
+    out = cases.map(lambda level, negate: randaugment.apply_op(image, name, level, negate=negate))
+    for i, (want, got) in enumerate(zip(expected.as_numpy_iterator(), out.as_numpy_iterator())):
+      np.testing.assert_array_equal(got, want, err_msg=f'{name} {shape} level {levels[i]} '
+                                                       f'negate {negates[i]} (tf.data)')
+    for level, negate in zip(levels[::3], negates[::3]):
+      want = _projective_reference(name, image, tf.constant(level), tf.constant(negate))
+      got = randaugment.apply_op(image, name, float(level), negate=bool(negate))
+      np.testing.assert_array_equal(got.numpy(), want.numpy(),
+                                    err_msg=f'{name} {shape} level {level} negate {negate}')
 
 
 def test_cutout_keeps_every_pixel_outside_the_hole():
