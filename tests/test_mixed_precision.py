@@ -62,8 +62,8 @@ def batches(num_steps: int, seed: int = 0):
           for _ in range(num_steps)]
 
 
-def train(exp, data):
-  state, losses = exp.init_state(), []
+def train(exp, data, state=None):
+  state, losses = exp.init_state() if state is None else state, []
   for batch in data:
     state, measurements = exp.train_step(state, sharding.global_batch(batch, exp.batch_sharding))
     losses.append(measurements['loss'])
@@ -94,7 +94,12 @@ def test_bfloat16_step_keeps_float32_state_and_follows_float32_loss(float32_expe
   state32, losses32, _ = train(float32_experiment, data)
   exp16 = one_device_experiment(tiny_config(dtype='bfloat16'))
   assert exp16.model.dtype == jnp.bfloat16
-  state16, losses16, measurements = train(exp16, data)
+  # What its init returns (traced, not run) is float32 throughout. Both runs start from one
+  # state, the float32 Experiment's (compiled once for several tests).
+  for path, leaf in jax.tree_util.tree_leaves_with_path(exp16.abstract_state):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert leaf.dtype == jnp.float32, f'{jax.tree_util.keystr(path)}: {leaf.dtype}'
+  state16, losses16, measurements = train(exp16, data, float32_experiment.init_state())
   for name in ('params', 'batch_stats', 'opt_state'):
     for path, leaf in jax.tree_util.tree_leaves_with_path(state16[name]):
       if jnp.issubdtype(leaf.dtype, jnp.floating):
@@ -223,14 +228,18 @@ def test_wrong_grad_accum_steps_fail_before_compiling():
 
 
 def test_short_bfloat16_digits_schedule_with_grad_accum_learns(tmp_path):
-  """The digits recipe in bfloat16 with grad_accum_steps=2, cut to 88 steps (4 epochs).
+  """The digits recipe in bfloat16 with grad_accum_steps=2, cut to 88 steps (4 epochs), on two
+  stages of the tiny variant (the digits model's compile took most of this test's time).
 
-  Measured on CPU: 72.7% top-1 (deploy form 72.7%; 66.9% after 44 steps); chance is 10%. The
-  bound leaves room for other machines' rounding.
+  Measured on CPU: 51% top-1 (deploy form 52%; 43% after 44 steps); chance is 10%, and with a
+  learning rate of 0 the same run stays near chance. The bound leaves room for other machines'
+  rounding.
   """
   config = digits.get_config()
+  config.model_overrides.update(channels=(8, 16), depths=(1, 1), partitions=(4, 2),
+                                sharesets=(2, 4))
   config.update(dtype='bfloat16', grad_accum_steps=2, num_train_steps=88, warmup_epochs=0.5,
                 eval_every_epochs=100.0, checkpoint_every_steps=88, log_every_steps=88)
   result = trainer.train_and_evaluate(config, str(tmp_path))
   assert result['step'] == 88 and result['count'] == 359
-  assert result['top1'] >= 0.6 and result['deploy_top1'] >= 0.6
+  assert result['top1'] >= 0.35 and result['deploy_top1'] >= 0.35
