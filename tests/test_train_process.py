@@ -44,12 +44,10 @@ def _config():
   return config
 
 
-def _train(workdir, cache):
+def _train(workdir):
   env = {**os.environ, 'PYTHONPATH': ROOT}
-  # The runs share a compilation cache of their own: the resumed run compiles nothing.
   return subprocess.Popen(
-      [sys.executable, 'train.py', '--config', 'configs/digits.py', '--workdir', workdir,
-       f'--config.compilation_cache_dir={cache}'] + FLAGS,
+      [sys.executable, 'train.py', '--config', 'configs/digits.py', '--workdir', workdir] + FLAGS,
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -63,8 +61,7 @@ def _logged_steps(workdir):
 
 def test_sigterm_to_train_py_checkpoints_and_resumes_exactly(tmp_path):
   stopped_dir, reference_dir = str(tmp_path / 'stopped'), str(tmp_path / 'reference')
-  cache = str(tmp_path / 'cache')
-  stopped, reference = _train(stopped_dir, cache), _train(reference_dir, cache)
+  stopped, reference = _train(stopped_dir), _train(reference_dir)
   deadline = time.time() + 900
   while not _logged_steps(stopped_dir):  # The loop runs (and the handler is installed).
     assert stopped.poll() is None, stopped.communicate()[0][-3000:]
@@ -77,7 +74,7 @@ def test_sigterm_to_train_py_checkpoints_and_resumes_exactly(tmp_path):
   assert not os.path.exists(os.path.join(stopped_dir, 'deploy'))
   assert max(_logged_steps(stopped_dir)) == steps[0]
 
-  resumed = _train(stopped_dir, cache)
+  resumed = _train(stopped_dir)
   for process in (resumed, reference):
     out = process.communicate(timeout=900)[0]
     assert process.returncode == 0, out[-3000:]
