@@ -1,7 +1,7 @@
 """bfloat16 compute with float32 state, the precision setting, and gradient accumulation.
 
 bfloat16 keeps 8 bits of mantissa: a bfloat16 training step's loss is compared with the float32
-step's to 2e-2 relative (measured: about 3e-3 on these steps), everything the step keeps
+step's to 2e-2 relative (measured: about 1e-4 on these steps), everything the step keeps
 (parameters, optimizer state, BatchNorm statistics) must be float32 bit for bit in dtype.
 """
 
@@ -20,6 +20,7 @@ from repmlp_jax import model_io
 from repmlp_jax.train import experiment as steps_lib
 from repmlp_jax.train import sharding
 from repmlp_jax.train import trainer
+from tests import fast_init
 
 NUM_CLASSES = 10
 GLOBAL_BATCH = 16
@@ -31,7 +32,7 @@ def tiny_config(**overrides):
   """Two stages of the tiny variant (as tests/test_train_steps.py), float32 unless overridden."""
   config = common.get_config()
   config.model = TINY
-  config.model_overrides.update(channels=(8, 16), depths=(1, 2), partitions=(4, 2),
+  config.model_overrides.update(channels=(8, 16), depths=(1, 1), partitions=(4, 2),
                                 sharesets=(2, 4))
   config.image_size = config.eval_image_size = 32
   config.global_batch_size = GLOBAL_BATCH
@@ -61,20 +62,44 @@ def batches(num_steps: int, seed: int = 0):
           for _ in range(num_steps)]
 
 
-def train(exp, data):
-  state, losses = exp.init_state(), []
+def train(exp, data, state=None):
+  state, losses = exp.init_state() if state is None else state, []
   for batch in data:
     state, measurements = exp.train_step(state, sharding.global_batch(batch, exp.batch_sharding))
     losses.append(measurements['loss'])
   return jax.device_get(state), np.asarray(jax.device_get(losses)), measurements
 
 
-def test_bfloat16_step_keeps_float32_state_and_follows_float32_loss():
+@pytest.fixture(scope='module')
+def float32_experiment():
+  """The float32 Experiment of tiny_config(): its compiled init and step serve several tests."""
+  return one_device_experiment(tiny_config())
+
+
+@pytest.fixture(scope='module')
+def bfloat16_tiny():
+  """The bfloat16 tiny model and numpy-drawn variables in the dtypes its init gives (float32).
+
+  fast_init instead of model.init: the eager init dispatches (and compiles) every initializer op
+  one by one, which took most of these tests' time.
+  """
+  model = repmlp_jax.create_model(TINY, num_classes=NUM_CLASSES, dtype='bfloat16')
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  assert {leaf.dtype for leaf in jax.tree.leaves(abstract)} == {jnp.dtype(jnp.float32)}
+  return model, fast_init.random_variables(model, (1, 32, 32, 3))
+
+
+def test_bfloat16_step_keeps_float32_state_and_follows_float32_loss(float32_experiment):
   data = batches(3)
-  state32, losses32, _ = train(one_device_experiment(tiny_config()), data)
+  state32, losses32, _ = train(float32_experiment, data)
   exp16 = one_device_experiment(tiny_config(dtype='bfloat16'))
   assert exp16.model.dtype == jnp.bfloat16
-  state16, losses16, measurements = train(exp16, data)
+  # What its init returns (traced, not run) is float32 throughout. Both runs start from one
+  # state, the float32 Experiment's (compiled once for several tests).
+  for path, leaf in jax.tree_util.tree_leaves_with_path(exp16.abstract_state):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert leaf.dtype == jnp.float32, f'{jax.tree_util.keystr(path)}: {leaf.dtype}'
+  state16, losses16, measurements = train(exp16, data, float32_experiment.init_state())
   for name in ('params', 'batch_stats', 'opt_state'):
     for path, leaf in jax.tree_util.tree_leaves_with_path(state16[name]):
       if jnp.issubdtype(leaf.dtype, jnp.floating):
@@ -84,17 +109,26 @@ def test_bfloat16_step_keeps_float32_state_and_follows_float32_loss():
   assert not np.array_equal(losses16, losses32)  # The bfloat16 step did compute in bfloat16.
 
 
-def test_bfloat16_activations_and_float32_batch_norm_reductions():
-  model = repmlp_jax.create_model(TINY, num_classes=NUM_CLASSES, dtype='bfloat16')
+def test_bfloat16_activations_and_float32_batch_norm_reductions(bfloat16_tiny):
+  model, variables = bfloat16_tiny
+  # The stem BN's running mean from 0, as after init: the new one is 0.1 * the batch mean alone.
+  variables = jax.tree_util.tree_map_with_path(
+      lambda path, v: jnp.zeros_like(v) if jax.tree_util.keystr(path) == (
+          "['batch_stats']['conv_embedding']['bn']['mean']") else v, variables)
   x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3), jnp.float32)
-  variables = model.init(jax.random.key(0), x)
-  features = model.apply(variables, x, return_features=True)
+
+  @jax.jit  # One program for both forwards: one compile.
+  def forwards(variables, x):
+    features = model.apply(variables, x, return_features=True)
+    _, state = model.apply(variables, x, train=True, mutable=['batch_stats', 'intermediates'],
+                           capture_intermediates=True)
+    return features, state
+
+  features, state = forwards(variables, x)
   assert all(v.dtype == jnp.bfloat16 for v in features.values())
   # The stem's BatchNorm sees the bfloat16 conv output; its running mean after one train-mode
   # call (momentum 0.9, from 0) is 0.1 * the batch mean, which must be the float32 mean of that
   # bfloat16 input, not a bfloat16 reduction (whose error here is ~1e-3 relative).
-  _, state = model.apply(variables, x, train=True, mutable=['batch_stats', 'intermediates'],
-                         capture_intermediates=True)
   conv_out = state['intermediates']['conv_embedding']['conv']['__call__'][0]
   assert conv_out.dtype == jnp.bfloat16
   mean = state['batch_stats']['conv_embedding']['bn']['mean']
@@ -103,9 +137,8 @@ def test_bfloat16_activations_and_float32_batch_norm_reductions():
   np.testing.assert_allclose(mean, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_bfloat16_checkpoint_and_reparam_keep_float32_weights(tmp_path):
-  model = repmlp_jax.create_model(TINY, num_classes=NUM_CLASSES, dtype='bfloat16')
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+def test_bfloat16_checkpoint_and_reparam_keep_float32_weights(bfloat16_tiny, tmp_path):
+  model, variables = bfloat16_tiny
   deploy_model, deploy_variables = repmlp_jax.reparam(model, variables)
   assert deploy_model.dtype == jnp.bfloat16
   model_io.save_model(tmp_path / 'deploy', deploy_model, deploy_variables)
@@ -141,34 +174,36 @@ def test_precision_and_dtype_settings_are_checked():
     repmlp_jax.create_model(TINY, dtype='int8')
 
 
-def test_accumulated_gradient_is_the_mean_of_micro_batch_gradients():
+def test_accumulated_gradient_is_the_mean_of_micro_batch_gradients(float32_experiment):
   k = 4
   exp = one_device_experiment(tiny_config(grad_accum_steps=k))
-  single = one_device_experiment(tiny_config())
-  state = exp.init_state()
+  single = float32_experiment
+  state = single.init_state()  # The state does not depend on grad_accum_steps.
   batch = batches(1)[0]
-  images = jnp.asarray(batch['image'])
-  targets = jax.nn.one_hot(batch['label'], NUM_CLASSES)
+  images, labels = jnp.asarray(batch['image']), jnp.asarray(batch['label'])
+  # The step's own (smoothed) targets, so that the train step below sees these gradients.
+  rng = jax.random.fold_in(state['rng'], state['step'])
+  _, targets = exp._targets(rng, images, labels)  # pylint: disable=protected-access
   loss, logits, _, grads = jax.jit(exp.gradients)(state['params'], state['batch_stats'], images,
                                                   targets)
   # One by one: micro-batch m holds the examples m, m + k, m + 2k, ...
-  micro = [jax.jit(single.gradients)(state['params'], state['batch_stats'], images[m::k],
-                                     targets[m::k]) for m in range(k)]
+  micro_gradients = jax.jit(single.gradients)
+  micro = [micro_gradients(state['params'], state['batch_stats'], images[m::k], targets[m::k])
+           for m in range(k)]
   mean_grads = jax.tree.map(lambda *g: sum(g) / k, *[m[3] for m in micro])
   _assert_trees_close(grads, mean_grads)
   np.testing.assert_allclose(loss, np.mean([m[0] for m in micro]), rtol=1e-6)
   np.testing.assert_allclose(logits[1::k], micro[1][1], rtol=1e-5, atol=1e-6)  # Batch order.
 
-  # The train step applies one optimizer update with that mean gradient (of the step's
-  # smoothed and mixed targets).
+  # The train step applies one optimizer update with that mean gradient.
   new_state, _ = exp.train_step(jax.tree.map(jnp.copy, state),
                                 sharding.global_batch(batch, exp.batch_sharding))
-  rng = jax.random.fold_in(state['rng'], state['step'])
-  _, step_targets = exp._targets(rng, images, jnp.asarray(batch['label']))  # pylint: disable=protected-access
-  step_grads = jax.jit(exp.gradients)(state['params'], state['batch_stats'], images,
-                                      step_targets)[3]
-  updates, _ = exp.tx.update(step_grads, state['opt_state'], state['params'])
-  _assert_trees_close(new_state['params'], optax.apply_updates(state['params'], updates))
+
+  @jax.jit  # One compile instead of the eager optimizer's many small ones.
+  def one_update(grads, opt_state, params):
+    return optax.apply_updates(params, exp.tx.update(grads, opt_state, params)[0])
+
+  _assert_trees_close(new_state['params'], one_update(grads, state['opt_state'], state['params']))
 
 
 def _assert_trees_close(got, expected, rtol=1e-5):
@@ -193,14 +228,18 @@ def test_wrong_grad_accum_steps_fail_before_compiling():
 
 
 def test_short_bfloat16_digits_schedule_with_grad_accum_learns(tmp_path):
-  """The digits recipe in bfloat16 with grad_accum_steps=2, cut to 88 steps (4 epochs).
+  """The digits recipe in bfloat16 with grad_accum_steps=2, cut to 88 steps (4 epochs), on two
+  stages of the tiny variant (the digits model's compile took most of this test's time).
 
-  Measured on CPU: 72.7% top-1 (deploy form 72.7%; 66.9% after 44 steps); chance is 10%. The
-  bound leaves room for other machines' rounding.
+  Measured on CPU: 51% top-1 (deploy form 52%; 43% after 44 steps); chance is 10%, and with a
+  learning rate of 0 the same run stays near chance. The bound leaves room for other machines'
+  rounding.
   """
   config = digits.get_config()
+  config.model_overrides.update(channels=(8, 16), depths=(1, 1), partitions=(4, 2),
+                                sharesets=(2, 4))
   config.update(dtype='bfloat16', grad_accum_steps=2, num_train_steps=88, warmup_epochs=0.5,
                 eval_every_epochs=100.0, checkpoint_every_steps=88, log_every_steps=88)
   result = trainer.train_and_evaluate(config, str(tmp_path))
   assert result['step'] == 88 and result['count'] == 359
-  assert result['top1'] >= 0.6 and result['deploy_top1'] >= 0.6
+  assert result['top1'] >= 0.35 and result['deploy_top1'] >= 0.35
