@@ -100,6 +100,14 @@ class PatchConv(nn.Module):
     return y
 
 
+def _shifted_views(x: jax.Array, k: int) -> list[jax.Array]:
+  """The k*k views of the zero-padded x (N, H, W, C) shifted by (dy, dx), row-major in (dy, dx)."""
+  _, height, width, _ = x.shape
+  p = k // 2
+  padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  return [padded[:, dy:dy + height, dx:dx + width, :] for dy in range(k) for dx in range(k)]
+
+
 def _shifted_products(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """sum over (dy, dx) of the zero-padded x shifted by (dy, dx), times kernel[dy, dx] (per channel).
 
@@ -109,11 +117,8 @@ def _shifted_products(x: jax.Array, kernel: jax.Array) -> jax.Array:
   Returns:
     (N, H, W, C): the 'same'-padded depthwise cross-correlation.
   """
-  k, (_, height, width, _) = kernel.shape[0], x.shape
-  p = k // 2
-  padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-  return sum(padded[:, dy:dy + height, dx:dx + width, :] * kernel[dy, dx]
-             for dy in range(k) for dx in range(k))
+  k = kernel.shape[0]
+  return sum(view * w for view, w in zip(_shifted_views(x, k), kernel.reshape(k * k, -1)))
 
 
 @jax.custom_vjp
@@ -134,15 +139,12 @@ def _depthwise_conv_fwd(x, kernel):
 
 def _depthwise_conv_bwd(residuals, g):
   x, kernel = residuals
-  k, (_, height, width, c) = kernel.shape[0], x.shape
-  p = k // 2
+  k, c = kernel.shape[0], x.shape[-1]
   grad_x = _shifted_products(g, kernel[::-1, ::-1])
-  padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
   # Accumulated in at least float32 whatever the compute dtype, as the BatchNorm statistics.
   sum_dtype = jnp.promote_types(g.dtype, jnp.float32)
-  grad_kernel = jnp.stack([
-      jnp.sum(padded[:, dy:dy + height, dx:dx + width, :] * g, axis=(0, 1, 2), dtype=sum_dtype)
-      for dy in range(k) for dx in range(k)])
+  grad_kernel = jnp.stack([jnp.sum(view * g, axis=(0, 1, 2), dtype=sum_dtype)
+                           for view in _shifted_views(x, k)])
   return grad_x, grad_kernel.reshape(k, k, c).astype(kernel.dtype)
 
 
