@@ -49,6 +49,15 @@ def tolerance(torch_model: torch.nn.Module, x: torch.Tensor) -> float:
   return FACTOR * max(torch_rounding(torch_model, x), FLOAT32_EPS)
 
 
+def tolerance_from(float64_logits: np.ndarray, float32_logits: np.ndarray) -> float:
+  """FACTOR x the relative distance of float32 logits from their float64 truth (>= 8 ulps).
+
+  For a second form of one function (a deploy form) the first form's float64 logits are its
+  truth as well, which saves a float64 forward of a large model.
+  """
+  return FACTOR * max(helpers.relative_error(float64_logits, float32_logits), FLOAT32_EPS)
+
+
 def flax_float64(model, variables, x, apply=None):
   """The float64 truth of our float32 `model`: its output with every float cast to float64.
 

@@ -44,6 +44,21 @@ def test_count_ops_reads_optimized_hlo():
   assert bench_memory.count_ops(text) == {'transpose': 1, 'copy': 1}
 
 
+def test_breakdown_counts_operands_and_results_by_kind():
+  text = ('HloModule m\n\nENTRY %main {\n'
+          '  %p0 = f32[2,4]{1,0} parameter(0)\n'
+          '  %p1 = f32[4,4]{1,0} parameter(1)\n'
+          '  %dot.1 = f32[2,4]{1,0} dot(%p0, %p1), metadata={op_name="jit(f)/stages_0_1/fc/dot_general"}\n'
+          '  %copy.2 = f32[4,2]{0,1} copy(%dot.1)\n'
+          '  ROOT %add_fusion = f32[2,4]{1,0} fusion(%dot.1, %p0), kind=kLoop, '
+          'metadata={op_name="jit(f)/stages_0_0/add"}\n}\n')
+  got = bench_memory.breakdown(text, batch=2)
+  # dot: 32 + 64 in, 32 out; copy: 32 in, 32 out; add: 32 + 32 in, 32 out; bytes per image.
+  assert got['kinds'] == {'matmul': 64.0, 'layout': 32.0, 'element-wise': 48.0}
+  assert got['groups'][0] == (64.0, 1, 'matmul', 'stages_0/fc/dot_general')
+  assert (48.0, 1, 'element-wise', 'stages_0/add') in got['groups']
+
+
 def test_one_shot_script_runs_on_cpu(tmp_path):
   # The accelerator script's whole path (a process per framework, every precision, JSON and
   # markdown), on CPU with the tiny variant; the training step (a long compile) is left out.

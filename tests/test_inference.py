@@ -142,9 +142,13 @@ def test_b224_predict_random_weights():
   assert c_d.shape == s_d.shape == (2, 5)
   assert np.all(np.diff(s_d, axis=1) <= 0)
   np.testing.assert_array_equal(c_d[:, 0], c_t[:, 0])
+  # The reparam at full size: the deploy form's logits are the training form's to the sum of
+  # both forms' float32 roundings (6.1e-7 + 4.6e-7); bound 8x the larger.
+  logits_t = train.logits(x)
+  assert helpers.relative_error(logits_t, deploy.logits(x)) <= rounding.FACTOR * B224_ROUNDING
   # Bound: 8x B224's float32 rounding through the softmax (here 1.6e-5 relative per score);
   # the two forms' scores are 2.4e-7 apart.
-  rtol = _probability_rtol(train.logits(x), rounding.FACTOR * B224_ROUNDING)
+  rtol = _probability_rtol(logits_t, rounding.FACTOR * B224_ROUNDING)
   np.testing.assert_allclose(s_d, s_t, rtol=rtol, atol=0)
   assert deploy.class_names[0] == 'tench'
 

@@ -125,19 +125,6 @@ def test_reparam_equivalence_float64():
     assert helpers.relative_error(y_train, y_deploy) <= 1e-10
 
 
-def test_reparam_equivalence_b224_at_224():
-  model = repmlp_jax.create_model('b224')
-  x = jax.random.normal(jax.random.key(1), (1, 224, 224, 3))
-  variables = fast_init.random_variables(model, x.shape, seed=5)
-  deploy_model, deploy_vars = repmlp_jax.reparam(model, variables)
-  apply = lambda m: jax.jit(functools.partial(m.apply, train=False))
-  # Not derived from a float64 run of B224 (minutes on CPU): the official-like B224 drifts
-  # 2.2e-5 from float64 in float32 on CPU (BN scales near 1); these BN scales (0.2..0.6) keep
-  # the activations and the drift smaller, and 1e-5 has held. The tiny tests above carry the
-  # tight bound; exactness is the float64 test's.
-  assert helpers.relative_error(apply(model)(variables, x), apply(deploy_model)(deploy_vars, x)) <= 1e-5
-
-
 def test_reparam_is_pure_and_jittable():
   model = repmlp_jax.create_model(TINY, num_classes=10)
   x, variables = _tiny_variables(model, seed=7)

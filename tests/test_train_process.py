@@ -29,13 +29,27 @@ from tests import test_train_loop as tl
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 100  # Long enough that the signal always arrives well before the end (~1 s per 10).
 BATCH = 16  # A quarter of the digits batch: cheap steps.
+# Two stages of the tiny variant: each of the three processes compiles in a fraction of the
+# digits model's time (the same overrides as the init_from test below).
+SMALL_MODEL = {'channels': (8, 16), 'depths': (1, 1), 'partitions': (4, 2), 'sharesets': (2, 4)}
 FLAGS = [f'--config.num_train_steps={STEPS}', f'--config.global_batch_size={BATCH}',
          '--config.eval_every_epochs=1000.0', '--config.checkpoint_every_steps=1000',
          '--config.log_every_steps=1']
+# train.py takes a config file; the command line cannot add fields (depths) the file lacks.
+SMALL_CONFIG = f'''"""configs/digits.py on a smaller model."""
+from configs import digits
+
+
+def get_config():
+  config = digits.get_config()
+  config.model_overrides.update({SMALL_MODEL!r})
+  return config
+'''
 
 
 def _config():
   config = digits.get_config()
+  config.model_overrides.update(SMALL_MODEL)
   config.num_train_steps = STEPS
   config.global_batch_size = BATCH
   config.eval_every_epochs = 1000.0
@@ -44,10 +58,10 @@ def _config():
   return config
 
 
-def _train(workdir):
+def _train(workdir, config_file):
   env = {**os.environ, 'PYTHONPATH': ROOT}
   return subprocess.Popen(
-      [sys.executable, 'train.py', '--config', 'configs/digits.py', '--workdir', workdir] + FLAGS,
+      [sys.executable, 'train.py', '--config', config_file, '--workdir', workdir] + FLAGS,
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -61,7 +75,9 @@ def _logged_steps(workdir):
 
 def test_sigterm_to_train_py_checkpoints_and_resumes_exactly(tmp_path):
   stopped_dir, reference_dir = str(tmp_path / 'stopped'), str(tmp_path / 'reference')
-  stopped, reference = _train(stopped_dir), _train(reference_dir)
+  config_file = tmp_path / 'small_digits.py'
+  config_file.write_text(SMALL_CONFIG)
+  stopped, reference = _train(stopped_dir, config_file), _train(reference_dir, config_file)
   deadline = time.time() + 900
   while not _logged_steps(stopped_dir):  # The loop runs (and the handler is installed).
     assert stopped.poll() is None, stopped.communicate()[0][-3000:]
@@ -74,7 +90,7 @@ def test_sigterm_to_train_py_checkpoints_and_resumes_exactly(tmp_path):
   assert not os.path.exists(os.path.join(stopped_dir, 'deploy'))
   assert max(_logged_steps(stopped_dir)) == steps[0]
 
-  resumed = _train(stopped_dir)
+  resumed = _train(stopped_dir, config_file)
   for process in (resumed, reference):
     out = process.communicate(timeout=900)[0]
     assert process.returncode == 0, out[-3000:]
@@ -92,9 +108,7 @@ def test_sigterm_to_train_py_checkpoints_and_resumes_exactly(tmp_path):
 
 def test_init_from_loads_the_saved_weights_through_train_and_evaluate(tmp_path):
   config = digits.get_config()
-  # Two stages of the tiny variant: the model compiles in a fraction of the digits model's time.
-  config.model_overrides.update(channels=(8, 16), depths=(1, 1), partitions=(4, 2),
-                                sharesets=(2, 4))
+  config.model_overrides.update(SMALL_MODEL)
   config.num_train_steps = 1
   config.base_lr = config.warmup_lr = config.min_lr = 0.0  # The weights stay as loaded.
   config.eval_every_epochs = 1000.0
