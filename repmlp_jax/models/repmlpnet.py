@@ -84,8 +84,8 @@ class RepMLPNet(nn.Module):
   scan_units: bool = False
   # Trace each distinct unit once (a nested jax.jit over the unit's variables; B224: 4 traces
   # instead of 18): the same compiled program, traced and lowered in less time (B224's training
-  # step: about 2 s less CPU of 5). Units are called in place while the model initializes and
-  # under flax's method interceptors or capture_intermediates.
+  # step: 1-2.5 s of CPU less, of 4.5-5.5). Units are called in place while the model
+  # initializes and under flax's method interceptors or capture_intermediates.
   jit_units: bool = True
 
   @property
