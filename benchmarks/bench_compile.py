@@ -46,7 +46,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 import repmlp_jax
@@ -319,6 +318,8 @@ def main(argv=None) -> int:
   parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)  # One measurement.
   args = parser.parse_args(argv)
   if args.worker:
+    # Every compile from scratch, even where JAX_COMPILATION_CACHE_DIR names a cache.
+    jax.config.update('jax_enable_compilation_cache', False)
     spec = json.loads(args.worker)
     print(json.dumps(measure(spec['model'], spec['dtype'], spec['batch'], spec['part'])))
     return 0
