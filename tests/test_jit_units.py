@@ -49,7 +49,9 @@ def test_interceptors_and_captured_intermediates_see_inside_every_unit():
   model = repmlp_jax.create_model(TINY, num_classes=5)
   x = jnp.ones((2, 32, 32, 3), jnp.float32)
   variables = jax.jit(model.init)(jax.random.key(0), x)
-  _, state = model.apply(variables, x, capture_intermediates=True, mutable=['intermediates'])
+  # Jitted: the choice is made while tracing, and eager applies are slow.
+  _, state = jax.jit(functools.partial(model.apply, capture_intermediates=True,
+                                       mutable=['intermediates']))(variables, x)
   assert 'fc3_bn' in state['intermediates']['stages_2_1']['repmlp_block']
   seen = set()
 
@@ -58,5 +60,5 @@ def test_interceptors_and_captured_intermediates_see_inside_every_unit():
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
-    model.apply(variables, x)
+    jax.eval_shape(model.apply, variables, x)
   assert 'stages_2_1/ffn_block/ffn_fc2' in seen
