@@ -184,28 +184,47 @@ class JaxCase:
       self._add_train_step(model, variables, x, labels, compile_)
 
   def _add_train_step(self, model, variables, x, labels, compile_) -> None:
-    tx = optax.adamw(1e-3, weight_decay=0.05)
+    tx = adamw()
     # Own copies: the step donates its state, the inference functions keep `variables`.
-    params, batch_stats = jax.tree.map(jnp.copy, (variables['params'], variables['batch_stats']))
-    state = {'params': params, 'batch_stats': batch_stats, 'opt_state': tx.init(params)}
-
-    def train_step(state, x, labels):
-      def loss_fn(params):
-        logits, updates = model.apply({'params': params, 'batch_stats': state['batch_stats']},
-                                      x, train=True, mutable=['batch_stats'])
-        return _cross_entropy(logits, labels), updates
-      grads, updates = jax.grad(loss_fn, has_aux=True)(state['params'])
-      step, opt_state = tx.update(grads, state['opt_state'], state['params'])
-      return {'params': optax.apply_updates(state['params'], step),
-              'batch_stats': updates['batch_stats'], 'opt_state': opt_state}
-
-    step = compile_('train_step', train_step, state, x, labels, donate_argnums=0)
+    state = train_state(jax.tree.map(jnp.copy, variables), tx)
+    step = compile_('train_step', make_train_step(model, tx), state, x, labels, donate_argnums=0)
     self._state = state
 
     def run_step():
       self._state = jax.block_until_ready(step(self._state, x, labels))
 
     self.fns['train_step'] = run_step
+
+
+def adamw() -> optax.GradientTransformation:
+  """The optimizer of the timed training step: plain AdamW (no clipping, no decay mask)."""
+  return optax.adamw(1e-3, weight_decay=0.05)
+
+
+def train_state(variables: dict[str, Any], tx: optax.GradientTransformation) -> dict[str, Any]:
+  """{'params', 'batch_stats', 'opt_state'}: the state `make_train_step`'s step takes and returns."""
+  return {'params': variables['params'], 'batch_stats': variables['batch_stats'],
+          'opt_state': tx.init(variables['params'])}
+
+
+def model_gradients(model, params, batch_stats, x, labels):
+  """(gradients of the mean cross-entropy, new batch_stats): one train-mode forward and backward."""
+  def loss_fn(params):
+    logits, updates = model.apply({'params': params, 'batch_stats': batch_stats},
+                                  x, train=True, mutable=['batch_stats'])
+    return _cross_entropy(logits, labels), updates['batch_stats']
+  return jax.grad(loss_fn, has_aux=True)(params)
+
+
+def make_train_step(model, tx: optax.GradientTransformation) -> Callable[..., dict[str, Any]]:
+  """The timed training step: forward, backward, `tx` update; (state, x, labels) -> state."""
+  def train_step(state, x, labels):
+    grads, batch_stats = model_gradients(model, state['params'], state['batch_stats'], x, labels)
+    step, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    return {'params': optax.apply_updates(state['params'], step),
+            'batch_stats': batch_stats, 'opt_state': opt_state}
+
+  return train_step
 
 
 def _peak_memory(framework: str, device: str, fn: Callable[[], Any]) -> float:

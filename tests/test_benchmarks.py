@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import repmlp_jax
+from benchmarks import bench_compile
 from benchmarks import bench_memory
 from benchmarks import gpu_b224
 from benchmarks import macs
@@ -84,3 +85,35 @@ def test_one_shot_script_runs_on_cpu(tmp_path):
       assert r['compile_s'] > 0 and r['xla_mib'] > 0
   table = (tmp_path / 'gpu_b224.md').read_text()
   assert table.count(f'| {TINY} |') == len(rows)
+
+
+def test_distinct_units_group_the_tiny_variants_units_by_stage():
+  model = repmlp_jax.create_model(TINY)
+  groups = bench_compile.distinct_units(model, np.zeros((2, 32, 32, 3), np.float32))
+  assert [g['names'] for g in groups] == [['stages_0_0'], ['stages_1_0'],
+                                          ['stages_2_0', 'stages_2_1'], ['stages_3_0']]
+  assert [g['input'].shape for g in groups] == [(2, 8, 8, 8), (2, 4, 4, 16), (2, 2, 2, 16),
+                                                (2, 1, 1, 32)]
+
+
+def test_compile_breakdown_runs_in_a_fresh_process_and_sums_the_parts(tmp_path):
+  # Two cheap parts of the tiny variant's step, each compiled once in its own process.
+  out = tmp_path / 'compile.json'
+  assert bench_compile.main(['--model', TINY, '--batch-size', '2', '--repeats', '1', '--parts',
+                             'optimizer', 'unit_2', '--out', str(out)]) == 0
+  results = json.loads(out.read_text())
+  assert results['environment']['fresh_processes'] and len(results['runs']) == 2
+  parts = results['parts']
+  assert parts['unit_2']['count'] == 2 and parts['unit_2']['input_shape'] == [2, 2, 2, 16]
+  for part in parts.values():
+    assert part['lower_s']['min'] > 0 and part['compile_cpu_s']['min'] > 0
+    assert part['fusions']['min'] >= 1
+  predicted = results['predicted']
+  assert predicted['units']['fusions']['min'] == 2 * parts['unit_2']['fusions']['min']
+  assert predicted['units_optimizer']['compile_s']['median'] == pytest.approx(
+      2 * parts['unit_2']['compile_s']['median'] + parts['optimizer']['compile_s']['median'])
+
+
+def test_compile_breakdown_refuses_an_unknown_part():
+  with pytest.raises(ValueError, match='Unknown part'):
+    bench_compile.run(TINY, batch=2, repeats=1, parts=['unit_9'], fresh_processes=False)

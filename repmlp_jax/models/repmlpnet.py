@@ -13,7 +13,37 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from repmlp_jax.models import batch_norm as bn_lib
 from repmlp_jax.models import layers
+
+
+@functools.partial(jax.jit, static_argnames=('unit', 'train', 'mutable', 'num_groups'))
+def _apply_unit(variables, x, *, unit, train, mutable, num_groups):
+  """One unit applied to its own variables: (output, new batch_stats or None).
+
+  Jitted so that JAX traces (and differentiates, and lowers) each distinct unit once, however
+  many units share its settings and input shape; XLA inlines every call, so the compiled
+  program is the one the units called in place give. `num_groups` (the BatchNorm groups, which
+  the BatchNorms read from their context while traced) is a key of the trace cache only.
+  """
+  del num_groups
+  if mutable:
+    y, updates = unit.apply(variables, x, train=train, mutable=['batch_stats'])
+    return y, updates['batch_stats']
+  return unit.apply(variables, x, train=train), None
+
+
+def _inspected() -> bool:
+  """Whether a flax method interceptor or capture_intermediates is active: they must see every
+  unit's submodules under their own names, so the units are then called in place."""
+  # flax keeps both in module-level state, which it exposes no public reader for. A flax that
+  # keeps them elsewhere gets the units called in place: always right, only traced more often.
+  interceptors = getattr(nn.module, '_global_interceptor_stack', None)
+  captures = getattr(getattr(nn.module, '_context', None), 'capture_stack', None)
+  if interceptors is None or captures is None:
+    return True
+  return bool(interceptors) or any(captures)
+
 
 # Official settings (authors' repository; REFERENCE table). `partitions` is h = w per stage.
 ARCH_SETTINGS: dict[str, dict[str, Any]] = {
@@ -55,6 +85,11 @@ class RepMLPNet(nn.Module):
   # stage instead of every unit (B224: 4 instead of 18). Off by default: on XLA:CPU it did not
   # shorten the compilation of the B224 training step (README, Training on accelerators).
   scan_units: bool = False
+  # Trace each distinct unit once (a nested jax.jit over the unit's variables; B224: 4 traces
+  # instead of 18): the same compiled program, traced and lowered in less time (B224's training
+  # step: 1-2.5 s of CPU less, of 4.5-5.5). Units are called in place while the model
+  # initializes and under flax's method interceptors or capture_intermediates.
+  jit_units: bool = True
 
   @property
   def input_multiple(self) -> int:
@@ -113,6 +148,9 @@ class RepMLPNet(nn.Module):
       names = [f'stages_{s}_{b}' for b in range(depth)]
       if self.scan_units and depth > 1 and not self.is_initializing():
         x = self._scan_units(unit(parent=None), names, x, train)
+      elif self.jit_units and not self.is_initializing() and not _inspected():
+        for name in names:
+          x = self._jit_unit(unit(parent=None), name, x, train)
       else:
         for name in names:
           x = unit(name=name)(x, train=train)
@@ -124,6 +162,18 @@ class RepMLPNet(nn.Module):
     if return_features:
       return {**features, 'pre_logits': pooled, 'logits': logits}
     return logits
+
+  def _jit_unit(self, unit: nn.Module, name: str, x: jax.Array, train: bool) -> jax.Array:
+    """Applies the unit `name` through `_apply_unit`; in training its new BatchNorm statistics
+    are written back under its name, as if it had been called in place."""
+    variables = {c: self.variables[c][name] for c in ('params', 'batch_stats')
+                 if c in self.variables}
+    mutable = train and self.is_mutable_collection('batch_stats')
+    y, stats = _apply_unit(variables, x, unit=unit, train=train, mutable=mutable,
+                           num_groups=bn_lib.current_num_groups())
+    if mutable:
+      self.put_variable('batch_stats', name, stats)
+    return y
 
   def _scan_units(self, unit: nn.Module, names: Sequence[str], x: jax.Array,
                   train: bool) -> jax.Array:
