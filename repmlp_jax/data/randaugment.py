@@ -40,6 +40,8 @@ import math
 from typing import Callable
 
 import tensorflow as tf
+# indexed_case (what tf.switch_case calls) can keep a Case op functional: see _switch_case.
+from tensorflow.python.ops import cond_v2
 
 MAX_LEVEL = 10.0  # Level at which each op reaches its nominal maximum.
 FILL = 128  # Gray used for pixels that geometric ops pull in from outside the image.
@@ -402,6 +404,18 @@ def apply_op(image: tf.Tensor, name: str, level: float | tf.Tensor, *,
                    tf.cast(seed, tf.int64))
 
 
+def _switch_case(index: tf.Tensor, branches: list[Callable[[], tf.Tensor]]) -> tf.Tensor:
+  """tf.switch_case(index, branches), kept a functional Case op in graphs.
+
+  tf.switch_case lets TensorFlow lower the op to Switch/Merge nodes; TensorFlow's executor then
+  passes dead tensors through every node of all 16 branches for every image, which costs more
+  than the op that runs. The functional Case runs only the chosen branch.
+  """
+  if tf.executing_eagerly():
+    return branches[int(index)]()
+  return cond_v2.indexed_case(index, branches, lower_using_switch_merge=False)
+
+
 def randaugment(image: tf.Tensor, seed: tf.Tensor, *, num_layers: int = 2,
                 num_levels: int = 15) -> tf.Tensor:
   """The official policy: `num_layers` ops, each uniform over OP_NAMES, level in range(num_levels).
@@ -429,7 +443,7 @@ def randaugment(image: tf.Tensor, seed: tf.Tensor, *, num_layers: int = 2,
     level = tf.cast(level, tf.float32)
     negate = tf.random.stateless_uniform([], sign_seed) < 0.5
     branches = [lambda fn=fn: fn(image, level, negate, apply_seed) for _, fn in _OPS]
-    return i + 1, tf.ensure_shape(tf.switch_case(index, branches), image.shape)
+    return i + 1, tf.ensure_shape(_switch_case(index, branches), image.shape)
 
   # A loop rather than unrolled layers: one copy of the 16 branches keeps the tf.data graph
   # small, which makes building each epoch's pipeline several times faster.
