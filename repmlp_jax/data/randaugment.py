@@ -79,10 +79,14 @@ def _full_shape(values: tf.Tensor, image: tf.Tensor) -> tf.Tensor:
   return tf.tile(values[None, None], tf.concat([tf.shape(image)[:2], [1]], 0))
 
 
-def _apply_luts(image: tf.Tensor, luts: tf.Tensor) -> tf.Tensor:
-  """image[..., c] -> luts[c][image[..., c]]: a point op as one gather (luts: uint8 (3, 256))."""
-  offsets = _full_shape(tf.constant([0, 256, 512]), image)
-  return tf.gather(tf.reshape(luts, [-1]), tf.cast(image, tf.int32) + offsets)
+def _lut_index(image: tf.Tensor) -> tf.Tensor:
+  """int32 image[..., c] + 256 c: where each pixel reads a table of the three channels' tables."""
+  return tf.cast(image, tf.int32) + _full_shape(tf.constant([0, 256, 512]), image)
+
+
+def _apply_luts(index: tf.Tensor, luts: tf.Tensor) -> tf.Tensor:
+  """image[..., c] -> luts[c][image[..., c]] (index: _lut_index(image); luts: uint8 (3, 256))."""
+  return tf.gather(tf.reshape(luts, [-1]), index)
 
 
 def _values() -> tf.Tensor:
@@ -97,7 +101,12 @@ def _per_channel(values: tf.Tensor) -> tf.Tensor:
 
 
 def _to_uint8(image: tf.Tensor) -> tf.Tensor:
-  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+  """Rounds a bilinear blend of uint8 pixels back to uint8.
+
+  Its two weights per axis, (floor + 1) - s and s - floor, are non-negative and sum to 1 up to
+  an ulp, so the values lie within [0, 255.01): rounding needs no clipping.
+  """
+  return tf.cast(tf.round(image), tf.uint8)
 
 
 def _pil_transform(matrix: tf.Tensor, offset: tf.Tensor) -> tf.Tensor:
@@ -197,23 +206,22 @@ def _auto_contrast(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor,
   luts = tf.floor(tf.clip_by_value((values - lo) * scale, 0.0, 255.0))
   # PIL leaves a constant channel untouched.
   luts = tf.where(hi > lo, luts, values)
-  return _apply_luts(image, tf.cast(luts, tf.uint8))
+  return _apply_luts(_lut_index(image), tf.cast(luts, tf.uint8))
 
 
 def _equalize(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   """PIL's ImageOps.equalize: per channel, a lookup table from the channel's histogram."""
   del level, negate, seed
   # One bincount for the three channels: channel c counts in bins 256 c .. 256 c + 255.
-  offsets = _full_shape(tf.constant([0, 256, 512]), image)
-  hist = tf.reshape(tf.math.bincount(tf.cast(image, tf.int32) + offsets, minlength=768,
-                                     maxlength=768), [3, 256])
+  index = _lut_index(image)
+  hist = tf.reshape(tf.math.bincount(index, minlength=768, maxlength=768), [3, 256])
   last = 255 - tf.argmax(tf.cast(tf.reverse(hist, [1]) > 0, tf.int32), axis=1, output_type=tf.int32)
   last_nonzero = tf.gather(hist, last, batch_dims=1)
   step = ((tf.reduce_sum(hist, axis=1) - last_nonzero) // 255)[:, None]
   luts = tf.minimum((tf.cumsum(hist, axis=1, exclusive=True) + step // 2) // tf.maximum(step, 1),
                     255)
   luts = tf.where(step > 0, luts, _values()[None])  # A channel of (nearly) one value is kept.
-  return _apply_luts(image, tf.cast(luts, tf.uint8))
+  return _apply_luts(index, tf.cast(luts, tf.uint8))
 
 
 def _invert(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
