@@ -53,7 +53,8 @@ def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Ten
   """PIL's Image.blend(degenerate, image, factor): extrapolates past 1, clips, truncates."""
   degenerate = tf.cast(degenerate, tf.float32)
   out = degenerate + factor * (tf.cast(image, tf.float32) - degenerate)
-  return tf.cast(tf.floor(tf.clip_by_value(out, 0.0, 255.0)), tf.uint8)
+  # Clipped to [0, 255], the cast's truncation toward zero is the floor PIL takes.
+  return tf.cast(tf.clip_by_value(out, 0.0, 255.0), tf.uint8)
 
 
 def _grayscale(image: tf.Tensor) -> tf.Tensor:
