@@ -1,8 +1,18 @@
-"""Speed of the input pipeline: images/s and images/s per core, training and evaluation.
+r"""Speed of the input pipeline: images/s and images/s per core, training and evaluation.
 
     python -m benchmarks.bench_input                              # generated JPEG folder
     python -m benchmarks.bench_input --repeats 5 --json out.json
     python -m benchmarks.bench_input --image-dir <root with train/<class>/*, val/<class>/*>
+    python -m benchmarks.bench_input --compare old_rj   # against another version (below)
+
+--compare measures the same pipelines of other versions of the package in the same process,
+interleaved with this one's (so that load falls on all alike), and prints this version's rate
+per core over each other's. A version is any importable copy of the package under another
+name, e.g. (the copy's absolute imports renamed):
+    git archive <commit> repmlp_jax | tar -x -C /tmp/v && mv /tmp/v/repmlp_jax /tmp/v/old_rj
+    sed -i 's/repmlp_jax[.]/old_rj./g; s/from repmlp_jax import/from old_rj import/g' \
+      $(find /tmp/v/old_rj -name '*.py')
+    PYTHONPATH=/tmp/v python -m benchmarks.bench_input --compare old_rj
 
 Data: an image folder of ImageNet-like JPEGs generated once into --work-dir (sides drawn from
 300..500 px, quality 90, smooth content plus noise so that they compress like photographs), or
@@ -24,6 +34,7 @@ runs meanwhile. Reported per pipeline, medians over repeats:
 """
 
 import argparse
+import importlib
 import json
 import os
 import resource
@@ -151,24 +162,42 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--warmup', type=int, default=2, help='batches before timing')
   parser.add_argument('--json', default=None, help='also write the results here')
+  parser.add_argument('--compare', nargs='+', default=[], metavar='PACKAGE',
+                      help='other importable versions of the package to measure alongside')
   args = parser.parse_args(argv)
 
   import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')
   image_dir = args.image_dir or make_image_folder(
       args.work_dir, train=args.train_images, val=args.val_images)
-  makers = pipeline_makers(image_dir, batch_size=args.batch_size, image_size=args.image_size)
-  results = measure({name: makers[name] for name in args.pipelines},
+  versions = {'repmlp_jax': pipeline_makers(image_dir, batch_size=args.batch_size,
+                                            image_size=args.image_size)}
+  for package in args.compare:
+    versions[package] = pipeline_makers(
+        image_dir, batch_size=args.batch_size, image_size=args.image_size,
+        input_pipeline=importlib.import_module(f'{package}.data.input_pipeline'),
+        preprocess=importlib.import_module(f'{package}.data.preprocess'))
+  label = (lambda package, name: name) if not args.compare else (
+      lambda package, name: f'{package}/{name}')
+  results = measure({label(package, name): makers[name] for name in args.pipelines
+                     for package, makers in versions.items()},
                     batch_size=args.batch_size, batches=args.batches, repeats=args.repeats,
                     warmup=args.warmup)
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
   print(f'{cores} cores, load average {load:.1f}, batch {args.batch_size}, '
         f'{args.image_size}px, tensorflow {tf.__version__}')
-  print(f'{"pipeline":26s} {"img/s":>8s} {"img/s per core":>15s} {"cores for 1000 img/s":>21s}')
+  width = max(26, *(len(name) for name in results))
+  print(f'{"pipeline":{width}s} {"img/s":>8s} {"img/s per core":>15s} '
+        f'{"cores for 1000 img/s":>21s}')
   for name, r in results.items():
-    print(f'{name:26s} {r["img_per_s"]:8.1f} {r["img_per_s_per_core"]:15.1f} '
+    print(f'{name:{width}s} {r["img_per_s"]:8.1f} {r["img_per_s_per_core"]:15.1f} '
           f'{1000 / r["img_per_s_per_core"]:21.1f}')
+  for package in args.compare:
+    for name in args.pipelines:
+      ratio = (results[label('repmlp_jax', name)]['img_per_s_per_core']
+               / results[label(package, name)]['img_per_s_per_core'])
+      print(f'{name}: repmlp_jax / {package} = {ratio:.2f} (img/s per core)')
   report = {'cores': cores, 'load_average': load, 'batch_size': args.batch_size,
             'image_size': args.image_size, 'tensorflow': tf.__version__, 'image_dir': image_dir,
             'pipelines': results}

@@ -187,6 +187,22 @@ def test_randaugment_is_seeded_and_runs_in_tf_data():
                                 image)
 
 
+def test_randaugment_runs_only_the_chosen_op_and_equals_eager():
+  # The op choice stays a functional Case: lowered to Switch/Merge nodes, every node of all 16
+  # branches would be visited for every image. Eagerly, the chosen op runs directly; both give
+  # the same images.
+  fn = tf.function(lambda x, s: randaugment.randaugment(x, s))
+  graph = fn.get_concrete_function(tf.TensorSpec((40, 48, 3), tf.uint8),
+                                   tf.TensorSpec((2,), tf.int64)).graph.as_graph_def()
+  cases = [node for f in graph.library.function for node in f.node_def
+           if node.op in ('Case', 'StatelessCase')]
+  assert cases and all(not node.attr['_lower_using_switch_merge'].b for node in cases)
+  image = tf.constant(_test_image())
+  for i in range(12):
+    seed = tf.constant([i, 3], tf.int64)
+    np.testing.assert_array_equal(fn(image, seed), randaugment.randaugment(image, seed))
+
+
 def test_unknown_op_name_is_rejected():
   with pytest.raises(ValueError, match='Unknown RandAugment op'):
     randaugment.apply_op(tf.zeros((8, 8, 3), tf.uint8), 'Blur', 1.0)

@@ -277,3 +277,32 @@ def test_normalization_is_exactly_the_float32_formula():
   for ds in (static, dynamic):
     out = next(iter(ds.map(lambda x: preprocess._normalize(x, p)))).numpy()
     np.testing.assert_array_equal(out, expected)
+
+
+def test_training_resize_is_exactly_tf_image_resize():
+  # _resize_uint8 runs the antialiased bilinear resize as two row passes; the values must be
+  # those of tf.image.resize, rounded, for up- and downscales of any shape, in tf.data and eagerly.
+  rng = np.random.default_rng(0)
+  shapes = [(1, 1), (1, 7), (6, 1), (2, 3), (37, 53), (151, 97), (224, 224), (300, 480),
+            (500, 333), (801, 650)]
+  sizes = [(224, 224), (8, 8), (1, 1), (32, 17), (5, 300)]
+  cases = []
+  for i, shape in enumerate(shapes):
+    noise = rng.integers(0, 256, shape + (3,), np.uint8)
+    smooth = np.array(Image.fromarray(rng.integers(0, 256, (3, 3, 3), np.uint8)).resize(
+        shape[::-1], Image.BICUBIC))
+    white = np.full(shape + (3,), 255, np.uint8)  # Weights summing above 1 must not overflow.
+    for image in (noise, smooth, white):
+      cases.append((image, sizes[i % len(sizes)]))
+      cases.append((image, (224, 224)))
+
+  def expected(image, size):
+    resized = tf.image.resize(image, size, method='bilinear', antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8).numpy()
+
+  for image, size in cases:
+    want = expected(image, size)
+    np.testing.assert_array_equal(preprocess._resize_uint8(tf.constant(image), size), want)
+    ds = tf.data.Dataset.from_tensors(tf.io.encode_png(image)).map(  # Dynamic shape, as in use.
+        lambda png, size=size: preprocess._resize_uint8(tf.io.decode_png(png, channels=3), size))
+    np.testing.assert_array_equal(next(iter(ds)).numpy(), want, err_msg=f'{image.shape} {size}')

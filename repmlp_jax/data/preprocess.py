@@ -122,9 +122,41 @@ def random_resized_crop_box(shape: tf.Tensor, seed: tf.Tensor, *, scale: tuple[f
   return tf.cast(tf.stack([top, left, crop_h, crop_w]), tf.int32)
 
 
-def _resize_uint8(image: tf.Tensor, size: tf.Tensor | tuple[int, int]) -> tf.Tensor:
-  resized = tf.image.resize(image, size, method='bilinear', antialias=True)
-  return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+def _resize_rows(rows: tf.Tensor, size: int, scale: tf.Tensor) -> tf.Tensor:
+  """(n, m) -> float32 (size, m): ScaleAndTranslate's pass along the rows, alone.
+
+  Seen as an image of height n, width 1 and m channels, the op's pass along the width is an exact
+  copy (a single weight of 1), and its pass along the height adds up whole rows of m values.
+  """
+  n, m = tf.shape(rows)[0], tf.shape(rows)[1]
+  out = tf.raw_ops.ScaleAndTranslate(
+      images=tf.reshape(rows, [1, n, 1, m]), size=tf.constant([size, 1]),
+      scale=tf.stack([scale, 1.0]), translation=tf.zeros([2]), kernel_type='triangle',
+      antialias=True)
+  return tf.reshape(out, [size, m])
+
+
+def _resize_uint8(image: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
+  """tf.image.resize(image, size, 'bilinear', antialias=True) rounded to uint8, bit for bit.
+
+  That resize is TF's ScaleAndTranslate: each output value is its kernel's weighted sum in
+  float32, first along the height (whole rows at a time: fast), then along the width (one pixel
+  at a time, three channels in the innermost loop: most of the cost). Here the width pass is
+  the same row pass run on the transposed intermediate: the same weights, the same float32
+  operations in the same order, so the same values, at about two thirds of the cost.
+  """
+  height, width, channels = tf.shape(image)[0], tf.shape(image)[1], image.shape[-1]
+  out_height, out_width = size
+  scale = (tf.constant([out_height, out_width], tf.float32)  # As tf.image.resize computes it.
+           / tf.cast(tf.stack([height, width]), tf.float32))
+  rows = _resize_rows(tf.reshape(image, [height, width * channels]), out_height, scale[0])
+  columns = tf.transpose(tf.reshape(rows, [out_height, width, channels]), [1, 0, 2])
+  out = _resize_rows(tf.reshape(columns, [width, out_height * channels]), out_width, scale[1])
+  # Transposed back as float32: TF transposes float32 (oneDNN) faster than uint8. The kernel's
+  # weights are non-negative and sum to 1 (to a few float32 ulps), so the values lie in
+  # [0, 255.01) and rounding needs no clipping.
+  out = tf.transpose(tf.reshape(out, [out_width, out_height, channels]), [1, 0, 2])
+  return tf.cast(tf.round(out), tf.uint8)
 
 
 def _normalize(image: tf.Tensor, p: Preprocess) -> tf.Tensor:

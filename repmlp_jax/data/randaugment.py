@@ -40,6 +40,8 @@ import math
 from typing import Callable
 
 import tensorflow as tf
+# indexed_case (what tf.switch_case calls) can keep a Case op functional: see _switch_case.
+from tensorflow.python.ops import cond_v2
 
 MAX_LEVEL = 10.0  # Level at which each op reaches its nominal maximum.
 FILL = 128  # Gray used for pixels that geometric ops pull in from outside the image.
@@ -51,7 +53,8 @@ def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Ten
   """PIL's Image.blend(degenerate, image, factor): extrapolates past 1, clips, truncates."""
   degenerate = tf.cast(degenerate, tf.float32)
   out = degenerate + factor * (tf.cast(image, tf.float32) - degenerate)
-  return tf.cast(tf.floor(tf.clip_by_value(out, 0.0, 255.0)), tf.uint8)
+  # Clipped to [0, 255], the cast's truncation toward zero is the floor PIL takes.
+  return tf.cast(tf.clip_by_value(out, 0.0, 255.0), tf.uint8)
 
 
 def _grayscale(image: tf.Tensor) -> tf.Tensor:
@@ -77,10 +80,14 @@ def _full_shape(values: tf.Tensor, image: tf.Tensor) -> tf.Tensor:
   return tf.tile(values[None, None], tf.concat([tf.shape(image)[:2], [1]], 0))
 
 
-def _apply_luts(image: tf.Tensor, luts: tf.Tensor) -> tf.Tensor:
-  """image[..., c] -> luts[c][image[..., c]]: a point op as one gather (luts: uint8 (3, 256))."""
-  offsets = _full_shape(tf.constant([0, 256, 512]), image)
-  return tf.gather(tf.reshape(luts, [-1]), tf.cast(image, tf.int32) + offsets)
+def _lut_index(image: tf.Tensor) -> tf.Tensor:
+  """int32 image[..., c] + 256 c: where each pixel reads a table of the three channels' tables."""
+  return tf.cast(image, tf.int32) + _full_shape(tf.constant([0, 256, 512]), image)
+
+
+def _apply_luts(index: tf.Tensor, luts: tf.Tensor) -> tf.Tensor:
+  """image[..., c] -> luts[c][image[..., c]] (index: _lut_index(image); luts: uint8 (3, 256))."""
+  return tf.gather(tf.reshape(luts, [-1]), index)
 
 
 def _values() -> tf.Tensor:
@@ -95,7 +102,12 @@ def _per_channel(values: tf.Tensor) -> tf.Tensor:
 
 
 def _to_uint8(image: tf.Tensor) -> tf.Tensor:
-  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+  """Rounds a bilinear blend of uint8 pixels back to uint8.
+
+  Its two weights per axis, (floor + 1) - s and s - floor, are non-negative and sum to 1 up to
+  an ulp, so the values lie within [0, 255.01): rounding needs no clipping.
+  """
+  return tf.cast(tf.round(image), tf.uint8)
 
 
 def _pil_transform(matrix: tf.Tensor, offset: tf.Tensor) -> tf.Tensor:
@@ -195,23 +207,22 @@ def _auto_contrast(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor,
   luts = tf.floor(tf.clip_by_value((values - lo) * scale, 0.0, 255.0))
   # PIL leaves a constant channel untouched.
   luts = tf.where(hi > lo, luts, values)
-  return _apply_luts(image, tf.cast(luts, tf.uint8))
+  return _apply_luts(_lut_index(image), tf.cast(luts, tf.uint8))
 
 
 def _equalize(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   """PIL's ImageOps.equalize: per channel, a lookup table from the channel's histogram."""
   del level, negate, seed
   # One bincount for the three channels: channel c counts in bins 256 c .. 256 c + 255.
-  offsets = _full_shape(tf.constant([0, 256, 512]), image)
-  hist = tf.reshape(tf.math.bincount(tf.cast(image, tf.int32) + offsets, minlength=768,
-                                     maxlength=768), [3, 256])
+  index = _lut_index(image)
+  hist = tf.reshape(tf.math.bincount(index, minlength=768, maxlength=768), [3, 256])
   last = 255 - tf.argmax(tf.cast(tf.reverse(hist, [1]) > 0, tf.int32), axis=1, output_type=tf.int32)
   last_nonzero = tf.gather(hist, last, batch_dims=1)
   step = ((tf.reduce_sum(hist, axis=1) - last_nonzero) // 255)[:, None]
   luts = tf.minimum((tf.cumsum(hist, axis=1, exclusive=True) + step // 2) // tf.maximum(step, 1),
                     255)
   luts = tf.where(step > 0, luts, _values()[None])  # A channel of (nearly) one value is kept.
-  return _apply_luts(image, tf.cast(luts, tf.uint8))
+  return _apply_luts(index, tf.cast(luts, tf.uint8))
 
 
 def _invert(image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
@@ -402,6 +413,18 @@ def apply_op(image: tf.Tensor, name: str, level: float | tf.Tensor, *,
                    tf.cast(seed, tf.int64))
 
 
+def _switch_case(index: tf.Tensor, branches: list[Callable[[], tf.Tensor]]) -> tf.Tensor:
+  """tf.switch_case(index, branches), kept a functional Case op in graphs.
+
+  tf.switch_case lets TensorFlow lower the op to Switch/Merge nodes; TensorFlow's executor then
+  passes dead tensors through every node of all 16 branches for every image, which costs more
+  than the op that runs. The functional Case runs only the chosen branch.
+  """
+  if tf.executing_eagerly():
+    return branches[int(index)]()
+  return cond_v2.indexed_case(index, branches, lower_using_switch_merge=False)
+
+
 def randaugment(image: tf.Tensor, seed: tf.Tensor, *, num_layers: int = 2,
                 num_levels: int = 15) -> tf.Tensor:
   """The official policy: `num_layers` ops, each uniform over OP_NAMES, level in range(num_levels).
@@ -429,7 +452,7 @@ def randaugment(image: tf.Tensor, seed: tf.Tensor, *, num_layers: int = 2,
     level = tf.cast(level, tf.float32)
     negate = tf.random.stateless_uniform([], sign_seed) < 0.5
     branches = [lambda fn=fn: fn(image, level, negate, apply_seed) for _, fn in _OPS]
-    return i + 1, tf.ensure_shape(tf.switch_case(index, branches), image.shape)
+    return i + 1, tf.ensure_shape(_switch_case(index, branches), image.shape)
 
   # A loop rather than unrolled layers: one copy of the 16 branches keeps the tf.data graph
   # small, which makes building each epoch's pipeline several times faster.
