@@ -40,8 +40,10 @@ import math
 from typing import Callable
 
 import tensorflow as tf
-# indexed_case (what tf.switch_case calls) can keep a Case op functional: see _switch_case.
-from tensorflow.python.ops import cond_v2
+try:  # indexed_case (what tf.switch_case calls) can keep a Case op functional: see _switch_case.
+  from tensorflow.python.ops import cond_v2  # pylint: disable=g-direct-tensorflow-import
+except ImportError:  # A TensorFlow that moved it: tf.switch_case, the same values, slower.
+  cond_v2 = None
 
 MAX_LEVEL = 10.0  # Level at which each op reaches its nominal maximum.
 FILL = 128  # Gray used for pixels that geometric ops pull in from outside the image.
@@ -422,6 +424,8 @@ def _switch_case(index: tf.Tensor, branches: list[Callable[[], tf.Tensor]]) -> t
   """
   if tf.executing_eagerly():
     return branches[int(index)]()
+  if cond_v2 is None:
+    return tf.switch_case(index, branches)
   return cond_v2.indexed_case(index, branches, lower_using_switch_merge=False)
 
 
