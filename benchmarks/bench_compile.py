@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any, Callable
@@ -205,12 +204,8 @@ def measure(name: str, dtype: str, batch: int, part: str) -> dict[str, Any]:
 
 
 def _measure_in_fresh_process(name: str, dtype: str, batch: int, part: str) -> dict[str, Any]:
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, 'PYTHONPATH': os.pathsep.join(
-      [root] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p])}
-  spec = json.dumps({'model': name, 'dtype': dtype, 'batch': batch, 'part': part})
-  done = subprocess.run([sys.executable, '-m', 'benchmarks.bench_compile', '--worker', spec],
-                        check=True, cwd=root, env=env, capture_output=True, text=True)
+  spec = {'model': name, 'dtype': dtype, 'batch': batch, 'part': part}
+  done = bench_models.run_worker('benchmarks.bench_compile', spec, capture_output=True, text=True)
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -330,14 +330,20 @@ def run_in_processes(plan, precisions, *, device: str, frameworks=FRAMEWORKS, re
       spec = {'framework': framework, 'plan': [list(p) for p in plan], 'device': device,
               'precisions': [p for p in precisions if p in PRECISIONS[framework]],
               'repeats': repeats, 'warmup': warmup, 'matmul_size': matmul_size, 'out': out}
-      root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-      env = {**os.environ, 'PYTHONPATH': os.pathsep.join(
-          [root] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p])}
-      subprocess.run([sys.executable, '-m', 'benchmarks.bench_models', '--worker',
-                      json.dumps(spec)], check=True, cwd=root, env=env)
+      run_worker('benchmarks.bench_models', spec)
       with open(out) as f:
         rows += json.load(f)
   return rows
+
+
+def run_worker(module: str, spec: dict[str, Any], **kwargs) -> subprocess.CompletedProcess:
+  """`python -m <module> --worker <spec as JSON>` in a fresh process, run from the repository
+  root with the root first on PYTHONPATH; kwargs go to subprocess.run (e.g. capture_output)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join(
+      [root] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p])}
+  return subprocess.run([sys.executable, '-m', module, '--worker', json.dumps(spec)],
+                        check=True, cwd=root, env=env, **kwargs)
 
 
 def _worker(spec_json: str) -> int:
