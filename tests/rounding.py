@@ -37,25 +37,20 @@ def torch_float64_logits(torch_model: torch.nn.Module, x: torch.Tensor) -> np.nd
     return model64(x.double()).numpy()
 
 
-def torch_rounding(torch_model: torch.nn.Module, x: torch.Tensor) -> float:
-  """Relative error of the float32 reference against itself in float64, on input `x`."""
-  with torch.no_grad():
-    logits32 = torch_model(x.float()).numpy()
-  return helpers.relative_error(torch_float64_logits(torch_model, x), logits32)
-
-
 def tolerance(torch_model: torch.nn.Module, x: torch.Tensor) -> float:
   """FACTOR x the float32 rounding of `torch_model` on `x` (at least FACTOR float32 ulps)."""
-  return FACTOR * max(torch_rounding(torch_model, x), FLOAT32_EPS)
+  with torch.no_grad():
+    logits32 = torch_model(x.float()).numpy()
+  return tolerance_from(torch_float64_logits(torch_model, x), logits32)
 
 
-def tolerance_from(float64_logits: np.ndarray, float32_logits: np.ndarray) -> float:
-  """FACTOR x the relative distance of float32 logits from their float64 truth (>= 8 ulps).
+def tolerance_from(float64_output: np.ndarray, float32_output: np.ndarray) -> float:
+  """FACTOR x the relative distance of a float32 output from its float64 truth (>= 8 ulps).
 
   For a second form of one function (a deploy form) the first form's float64 logits are its
   truth as well, which saves a float64 forward of a large model.
   """
-  return FACTOR * max(helpers.relative_error(float64_logits, float32_logits), FLOAT32_EPS)
+  return FACTOR * max(helpers.relative_error(float64_output, float32_output), FLOAT32_EPS)
 
 
 def flax_float64(model, variables, x, apply=None):

@@ -99,6 +99,6 @@ def test_stage_features_match_the_reference_forward_features_32x64(tiny):
     got = np.asarray(got).transpose(0, 3, 1, 2)  # NHWC -> NCHW
     assert got.shape == want32.shape, (i, got.shape)
     # Bound: 8x the reference's own float32 rounding of this stage's output (tests/rounding.py).
-    bound = rounding.FACTOR * max(helpers.relative_error(want64, want32), rounding.FLOAT32_EPS)
+    bound = rounding.tolerance_from(want64, want32)
     err = helpers.relative_error(want32, got)
     assert err <= bound, f'stage {i}: {err:.3g} > {bound:.3g}'

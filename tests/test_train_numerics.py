@@ -47,7 +47,7 @@ def test_train_mode_forward_and_batch_means_match_pytorch():
   logits, updates = apply(variables, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
   # Bound: 8x PyTorch's own float32 rounding of the train-mode forward (tests/rounding.py).
   logits32, logits64 = ref[torch.float32][0], ref[torch.float64][0]
-  bound = rounding.FACTOR * max(helpers.relative_error(logits64, logits32), rounding.FLOAT32_EPS)
+  bound = rounding.tolerance_from(logits64, logits32)
   err = helpers.relative_error(logits32, np.asarray(logits))
   assert err <= bound, f'train-mode logits: {err:.3g} > {bound:.3g}'
   # Running means: 0.9 * old + 0.1 * batch mean in both (momentum 0.1 = Flax's 0.9), for every
