@@ -10,6 +10,7 @@ from PIL import Image
 
 import predict
 import repmlp_jax
+from repmlp_jax.data import eval_transform
 from repmlp_jax.data import imagenet
 from repmlp_jax.inference import predictor as inference
 from repmlp_jax import model_io
@@ -157,16 +158,16 @@ def test_preprocess_by_hand():
   # 40 wide, 20 high; each column holds its index, so the crop's position is visible.
   columns = np.tile(np.arange(40, dtype=np.uint8)[None, :, None] * 6, (20, 1, 3))
   image = Image.fromarray(columns)
-  resized = image_files.resize_short_side(image, 8)
+  resized = eval_transform.resize_short_side(image, 8)
   assert resized.size == (16, 8)  # Short side 8, long side 40 * 8 / 20.
   x = image_files.preprocess_image(image, 8)
   assert x.shape == (8, 8, 3) and x.dtype == np.float32
   # Center crop of a 16-wide map: columns 4..11; raw values back from the normalization.
   raw = np.asarray(resized, np.float32)[:, 4:12] / 255.0
-  mean, std = np.array(image_files.IMAGENET_MEAN), np.array(image_files.IMAGENET_STD)
+  mean, std = np.array(imagenet.IMAGENET_MEAN), np.array(imagenet.IMAGENET_STD)
   np.testing.assert_allclose(x, (raw - mean) / std, rtol=1e-6, atol=1e-6)
   # crop_ratio 0.5: the short side goes to 16, the crop keeps the central 8 of 32 columns.
-  assert image_files.resize_short_side(image, 16).size == (32, 16)
+  assert eval_transform.resize_short_side(image, 16).size == (32, 16)
   assert image_files.preprocess_image(image, 8, crop_ratio=0.5).shape == (8, 8, 3)
   grey = Image.new('L', (8, 8), color=255)  # Converted to RGB; white is (1 - mean) / std.
   np.testing.assert_allclose(image_files.preprocess_image(grey, 8)[0, 0], (1 - mean) / std,

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 
 from repmlp_jax.commands import cli
 from repmlp_jax.train import checkpointing
-from repmlp_jax.train import experiment as steps_lib
+from repmlp_jax.train import experiment
 from repmlp_jax.data import input_pipeline
 from repmlp_jax.train import recovery
 from tests import test_train_loop as loop
@@ -150,8 +150,8 @@ def test_resumable_settings_may_change(two_checkpoints):
   config = loop.digits_config()
   config.num_train_steps, config.log_every_steps, config.eval_every_epochs = 6, 3, 1.0
   info = input_pipeline.dataset_info(config.dataset)
-  exp = steps_lib.Experiment(config, num_classes=info.num_classes,
-                             steps=steps_lib.derive_steps(config, info.num_train_examples))
+  exp = experiment.Experiment(config, num_classes=info.num_classes,
+                             steps=experiment.derive_steps(config, info.num_train_examples))
   ckpts = checkpointing.Checkpoints(two_checkpoints[0] / 'checkpoints')
   try:
     state = recovery.restore_newest_readable(ckpts, exp.abstract_state, config, warn=print)

@@ -8,6 +8,7 @@ conversion. Round trips are exact; detect() names the variant from shapes alone.
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 
 import repmlp_jax
 from repmlp_jax import model_io
-from repmlp_jax.pytorch import mapping as state_dict_mapping
+from repmlp_jax.pytorch import mapping
 from repmlp_jax.pytorch import keys_resnet as tk
 from tests import helpers
 from tests import rounding
@@ -49,7 +50,7 @@ def _assert_round_trips(sd, variables, model):
   for key, value in sd.items():
     np.testing.assert_array_equal(back[key], value, err_msg=key)
   again = tk.variables_from_torch(back, model)
-  jax.tree.map(np.testing.assert_array_equal, again, variables)
+  chex.assert_trees_all_equal(again, variables)
 
 
 @pytest.mark.parametrize('kind', ['light', 'bottleneck', 'plain'])
@@ -165,14 +166,14 @@ def test_every_key_problem_is_reported_at_once():
   sd['stage4.0.extra.weight'] = np.zeros(3, np.float32)
   sd['linear.weight'] = np.zeros((7, 256), np.float32)
   model = repmlp_jax.create_model('_RepMLP-ResNet-Tiny', num_classes=10)
-  with pytest.raises(state_dict_mapping.KeyMismatchError) as info:
+  with pytest.raises(mapping.KeyMismatchError) as info:
     tk.variables_from_torch(sd, model)
   error = info.value
   assert error.missing == ['stage2.1.light_repmlp.fc3.weight']
   assert error.unexpected == ['stage4.0.extra.weight']
   assert error.misshaped == [('linear.weight', (10, 256), (7, 256))]
   deploy_sd = _numpy(tr.deploy_state_dict(reference))
-  with pytest.raises(state_dict_mapping.KeyMismatchError, match='training or the deploy form'):
+  with pytest.raises(mapping.KeyMismatchError, match='training or the deploy form'):
     tk.variables_from_torch(deploy_sd, model)
 
 

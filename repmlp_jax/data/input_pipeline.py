@@ -81,10 +81,6 @@ class DatasetInfo:
   num_eval_examples: int
   class_names: tuple[str, ...] = dataclasses.field(repr=False)
 
-  def steps_per_epoch(self, global_batch_size: int) -> int:
-    """Training steps per epoch; equals the per-process count create_split uses."""
-    return self.num_train_examples // global_batch_size
-
 
 def default_preprocess(name: str) -> pp.Preprocess:
   """The recipe each data set trains with unless the caller passes its own Preprocess.

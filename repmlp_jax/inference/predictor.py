@@ -18,7 +18,7 @@ import numpy as np
 
 from repmlp_jax.data import imagenet
 from repmlp_jax import model_io
-from repmlp_jax.models import factory as models
+from repmlp_jax.models import factory
 from repmlp_jax.inference import image_files
 from repmlp_jax.models import features as features_lib
 from repmlp_jax.reparameterize import deploy as reparameterize
@@ -64,7 +64,7 @@ class Predictor:
       model, variables = reparameterize.reparam(model, variables)
     self.dtype = jnp.dtype(model.dtype if dtype is None else dtype)
     model = model.clone(dtype=self.dtype, precision=model.precision if precision is None
-                        else models.parse_precision(precision))
+                        else factory.parse_precision(precision))
     if self.dtype != jnp.float32:
       variables = {**variables, 'params': cast_floating(variables['params'], self.dtype)}
     self.model = model

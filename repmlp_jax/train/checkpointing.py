@@ -50,10 +50,6 @@ class Checkpoints:
     """The step of the newest complete checkpoint, or None."""
     return self._manager.latest_step()
 
-  def best_step(self) -> int | None:
-    """The step of the checkpoint with the highest best_metric, or None."""
-    return self._manager.best_step()
-
   def all_steps(self) -> list[int]:
     """The steps of every complete checkpoint, oldest first."""
     return sorted(self._manager.all_steps())

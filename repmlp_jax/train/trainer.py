@@ -32,9 +32,9 @@ from repmlp_jax.data import input_pipeline
 from repmlp_jax import model_io
 from repmlp_jax import outputs
 from repmlp_jax.train import sharding
-from repmlp_jax.pytorch import mapping as state_dict_mapping
-from repmlp_jax.train import experiment as steps_lib
-from repmlp_jax.train import metric_writers as train_logging
+from repmlp_jax.pytorch import mapping
+from repmlp_jax.train import experiment
+from repmlp_jax.train import metric_writers
 from repmlp_jax.train import recovery
 
 # Errors whose message says all a user needs (what is wrong, what to do): train.py prints them as
@@ -90,7 +90,7 @@ def _preprocess(config):
   return dataclasses.replace(input_pipeline.default_preprocess(config.dataset), **overrides)
 
 
-def load_pretrained(exp: steps_lib.Experiment, state: dict[str, Any], path: str) -> dict[str, Any]:
+def load_pretrained(exp: experiment.Experiment, state: dict[str, Any], path: str) -> dict[str, Any]:
   """Replaces the params and BN statistics of a fresh `state` by those of a saved model.
 
   The classifier (the family's, `repmlp_jax.families`: `head` or `linear`) is kept freshly
@@ -115,7 +115,7 @@ def load_pretrained(exp: steps_lib.Experiment, state: dict[str, Any], path: str)
     for key in [k for k in new[collection] if k.startswith(classifier)]:
       if key in loaded[collection] and loaded[collection][key].shape != new[collection][key].shape:
         loaded[collection][key] = new[collection][key]  # New classifier size: fresh head.
-    state_dict_mapping.check_keys(
+    mapping.check_keys(
         f'{exp.config.model} ({collection} of {path})',
         {k: v.shape for k, v in new[collection].items()},
         {k: v.shape for k, v in loaded[collection].items()})
@@ -171,24 +171,37 @@ def _write_config(config, workdir: str) -> None:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def build_experiment(config: ml_collections.ConfigDict) -> experiment.Experiment:
+  """The Experiment train_and_evaluate runs for `config` (its data set's classes and steps)."""
+  _check_data_dir(config)
+  info = input_pipeline.dataset_info(config.dataset, data_dir=config.data_dir)
+  return experiment.Experiment(config, num_classes=info.num_classes,
+                               steps=experiment.derive_steps(config, info.num_train_examples))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       exp: experiment.Experiment | None = None) -> dict[str, Any]:
   """Trains, evaluates and writes the deploy checkpoint; resumes from `workdir` if it can.
 
   Args:
     config: an experiment config (configs/common.py documents every field).
     workdir: where checkpoints, logs and the deploy model go (see the module docstring).
+    exp: `build_experiment(config)`, kept by a caller that runs the same config more than once
+      in one process (a notebook, restarts), whose compiled functions it then reuses.
   Returns:
     The last evaluation's metrics ('top1', 'top5', 'deploy_top1', ...) with 'step', or, when
     stopped by a signal / preemption, {'step': ..., 'preempted': True}.
   """
   workdir = outputs.check_workdir(workdir)  # Before any data is read or anything compiles.
-  _check_data_dir(config)
-  info = input_pipeline.dataset_info(config.dataset, data_dir=config.data_dir)
-  steps = steps_lib.derive_steps(config, info.num_train_examples)
-  exp = steps_lib.Experiment.cached(config, num_classes=info.num_classes, steps=steps)
+  if exp is None:
+    exp = build_experiment(config)
+  elif not exp.built_from(config):
+    raise ValueError('The Experiment passed was built from another config; pass '
+                     'build_experiment(config) of this config, or none.')
+  steps = exp.steps
 
   checkpoints = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'))
-  writer = train_logging.MetricWriter(workdir)
+  writer = metric_writers.MetricWriter(workdir)
   stop = checkpointing.StopRequest()
   bar = None
   try:
@@ -200,7 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if config.init_from:
         state = load_pretrained(exp, state, config.init_from)
     start = int(jax.device_get(state['step']))
-    bar = train_logging.ProgressBar(total_steps=steps.total, start_step=start,
+    bar = metric_writers.ProgressBar(total_steps=steps.total, start_step=start,
                                     images_per_step=config.global_batch_size)
     if start:
       bar.write(f'Resumed from {checkpoints.directory} at step {start}.')
