@@ -51,7 +51,8 @@ def model_report(name: str, size: int | None = None) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('models', nargs='*', default=factory.available_models())
-  parser.add_argument('--size', type=int, default=None, help='input side (default: the training size)')
+  parser.add_argument('--size', type=int, default=None,
+                      help='input side (default: the training size)')
   args = parser.parse_args(argv)
   header = (f'{"model":<16} {"size":>5} {"train params":>14} {"train GMACs":>12} '
             f'{"deploy params":>14} {"deploy GMACs":>13}')

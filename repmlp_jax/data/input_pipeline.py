@@ -12,22 +12,11 @@
 feeds its batch to `jax.make_array_from_process_local_data`. Entry points should hide GPUs/TPUs
 from TensorFlow (`tf.config.set_visible_devices([], 'GPU')`) so it leaves the memory to JAX.
 
-Data sets (`DATASETS`):
-- 'imagenet2012' (tfds, 1000 classes, train / validation). tfds cannot download ImageNet: get
-  ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from image-net.org, put them as they are
-  (not unpacked) in `<data_dir>/downloads/manual/`, and build once (hours; about 300 GB of disk
-  while building, the tars plus the ~150 GB of tfrecords):
-      tfds build imagenet2012 --data_dir=<data_dir>
-  or `tfds.builder('imagenet2012', data_dir=<data_dir>).download_and_prepare()`. Then pass the
-  same data_dir here. Labels are the sorted-WordNet-id order, as torchvision's ImageFolder.
-- 'cifar10', 'cifar100' (tfds, train / test): `tfds build cifar10 --data_dir=<data_dir>` on a
-  machine with internet access, then copy the data_dir.
-- 'image_folder': your own images, `<data_dir>/train/<class>/*.jpg` and
-  `<data_dir>/val/<class>/*.jpg` (also png, bmp, gif); classes are the sorted train
-  sub-folder names.
-- 'digits' (built in, no download: for quick runs and tests): scikit-learn's 1797 digits (8x8 gray,
-  shipped inside scikit-learn), upsampled to image_size and repeated to 3 channels. Every fifth
-  image (index % 5 == 4) is the test split (359), the rest train (1438): fixed, seed-free.
+Data sets (`DATASETS`): 'imagenet2012', 'cifar10', 'cifar100' (tfds, prepared once with
+`tfds build <name> --data_dir=<data_dir>`; ImageNet from its manual tars, README "Training"),
+'image_folder' (`<data_dir>/train/<class>/*` and `<data_dir>/val/<class>/*`, classes sorted by
+name) and 'digits' (scikit-learn's 1797 8x8 digits, built in; every fifth image is the test
+split). ImageNet labels follow the sorted WordNet ids, as torchvision's ImageFolder.
 
 Sharding: each process reads its own slice, tfds.split_for_jax_process semantics (even split;
 train drops the < process_count remainder so every process has the same number of steps).
@@ -372,7 +361,7 @@ def create_split(
     raise ValueError(f'{name} {split!r} has {examples} examples per process, fewer than '
                      f'batch_size={batch_size}.')
 
-  # Traced once and reused by every epoch's pipeline (RandAugment takes ~1 s to trace).
+  # Traced once and reused by every epoch's pipeline (RandAugment is slow to trace).
   train_image = tf.function(functools.partial(pp.train_image, image_size=image_size, p=p))
 
   def epoch_batches(epoch: int, skip: int) -> tf.data.Dataset:

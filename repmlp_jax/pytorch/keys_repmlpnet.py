@@ -69,10 +69,13 @@ def _rename(key: str, prefixes, infixes) -> str:
   return key
 
 
+def _swapped(pairs) -> tuple[tuple[str, str], ...]:
+  return tuple((new, old) for old, new in pairs)
+
+
 def from_mmpretrain(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   """mmpretrain key names -> the official ones (same arrays, same order)."""
-  swap = lambda pairs: tuple((new, old) for old, new in pairs)  # noqa: E731
-  return {_rename(k, swap(MMPRETRAIN_PREFIXES), swap(MMPRETRAIN_INFIXES)): v
+  return {_rename(k, _swapped(MMPRETRAIN_PREFIXES), _swapped(MMPRETRAIN_INFIXES)): v
           for k, v in state_dict.items()}
 
 
