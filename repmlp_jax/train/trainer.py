@@ -7,6 +7,7 @@ Layout of a workdir:
   tensorboard/          the same scalars for TensorBoard
   config.json           the config of the latest start
   damaged_checkpoints/  checkpoints that could not be read, set aside on resuming (recovery.py)
+The workdir may be a gs:// URL (repmlp_jax.storage): on a pod, where every host must see it.
 
 Rerunning the same command resumes from the last checkpoint and continues exactly as an
 uninterrupted run would: the state holds the step and the rng (each step folds the step into
