@@ -15,8 +15,10 @@ with every variable that points the storage libraries at the emulator and keeps 
 authentication libraries off the network, and stops and removes it all afterwards.
 """
 
+import faulthandler
 import functools
 import http
+import http.server
 import json
 import os
 import secrets
@@ -27,7 +29,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -159,6 +160,7 @@ def serve(data_dir: str, port: int, bucket: str) -> None:
   server.Router.handle = lambda self, method: _locked(lock, handle, self, method)
   emulator._api.run = lambda: _run_threaded(emulator._api, port)  # pylint: disable=protected-access
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+  faulthandler.register(signal.SIGUSR1)  # `kill -USR1` shows where a stuck server waits.
   emulator.start()
   print('ready', flush=True)
   try:
@@ -207,19 +209,25 @@ class Emulator:
       with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         self.port = s.getsockname()[1]
-    self._process = subprocess.Popen(
-        self.command([sys.executable, '-m', 'tests.gcs_emulator', self.data_dir,
-                      str(self.port), self.bucket]),
-        cwd=ROOT, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if self._process.stdout.readline().strip() != 'ready':
-      self.__exit__(None, None, None)
-      raise RuntimeError('The storage emulator did not start.')
+    # Its log goes to a file: a pipe nobody reads would fill and stop the server mid-request.
+    self.log = f'{self.data_dir.rstrip(os.sep)}.log'
+    with open(self.log, 'w', encoding='utf-8') as log:
+      self._process = subprocess.Popen(
+          self.command([sys.executable, '-m', 'tests.gcs_emulator', self.data_dir,
+                        str(self.port), self.bucket]),
+          cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while 'ready' not in open(self.log, encoding='utf-8').read().splitlines():
+      if self._process.poll() is not None or time.time() > deadline:
+        self.__exit__(None, None, None)
+        raise RuntimeError(f'The storage emulator did not start; see {self.log}.')
+      time.sleep(0.1)
     return self
 
   def __exit__(self, *exc_info) -> None:
     if self._process is not None:
       self._process.terminate()
-      self._process.communicate(timeout=30)
+      self._process.wait(timeout=30)
     if self.namespace:
       subprocess.run(['ip', 'netns', 'delete', self.namespace], check=False)
 
