@@ -86,7 +86,7 @@ def check_workdir(workdir: str | os.PathLike) -> str:
   probe = path / f'.write-test-{secrets.token_hex(4)}'
   try:
     with storage.reaching(path):
-      path.mkdir(parents=True, exist_ok=True)
+      storage.make_dirs(path)
       probe.write_bytes(b'')
       probe.unlink()
   except storage.StorageError:

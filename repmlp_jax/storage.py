@@ -120,10 +120,18 @@ def local_file(path: str | os.PathLike) -> Iterator[str]:
       yield local
 
 
-def make_parents(path: epath.Path) -> None:
-  """Creates the missing parent directories of `path`, as `mkdir -p` (nothing on a bucket)."""
+def make_dirs(path: epath.Path) -> None:
+  """Creates the directory `path` and its missing parents, as `mkdir -p`.
+
+  Nothing on a bucket, which has no directories (and gcsfs would create a missing bucket).
+  """
   if not is_remote(path):
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def make_parents(path: epath.Path) -> None:
+  """Creates the missing parent directories of `path` (nothing on a bucket)."""
+  make_dirs(path.parent)
 
 
 def move(source: epath.Path, target: epath.Path) -> None:

@@ -71,6 +71,11 @@ def main(pth: str, image: str, bucket: str) -> dict:
     repmlp_jax.from_pretrained(f'{bucket}/nowhere')
   except FileNotFoundError as e:
     seen['missing'] = str(e)
+  try:
+    outputs.check_workdir('gs://no-such-bucket/run')
+  except outputs.WriteError as e:
+    seen['no_bucket'] = str(e)
+  seen['buckets'] = sorted(storage.gcs(storage.resolve(bucket)).ls(''))
   seen['listing'] = sorted(p.name for p in storage.resolve(f'{bucket}/out').iterdir())
   return seen
 

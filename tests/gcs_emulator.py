@@ -6,7 +6,8 @@ gcp-storage-emulator serves the GCS JSON API, but orbax's array store (TensorSto
 need four things it lacks: the `x-goog-generation` header on reads, the `ifGenerationMatch` /
 `ifGenerationNotMatch` preconditions, `startOffset` / `endOffset` when listing, and `moveTo`.
 They are added here by wrapping its request handlers at run time (the installed package is not
-edited). Requests are served by several threads, one at a time, so that a precondition and the
+edited), with ranged reads served from the stored file (the emulator reads a whole object for
+each, which makes restoring a large checkpoint quadratic). Requests are served by several threads, one at a time, so that a precondition and the
 write it guards cannot interleave with another request.
 
 `Emulator` (for the tests) starts the server in a network namespace that has only a loopback
@@ -21,6 +22,7 @@ import http
 import http.server
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -111,6 +113,35 @@ def _list_with_offsets(handler):
   return wrapped
 
 
+def _ranged_reads(handler):
+  """Serves a ranged read from the stored file (the emulator reads the whole object for each)."""
+
+  @functools.wraps(handler)
+  def wrapped(request, response, storage, *args, **kwargs):
+    from gcp_storage_emulator.exceptions import NotFound  # pylint: disable=g-import-not-at-top
+    match = re.fullmatch(r'\s*bytes=(\d+)-(\d*)', request.get_header('range') or '')
+    if match is None:
+      return handler(request, response, storage, *args, **kwargs)
+    bucket, name = request.params['bucket_name'], request.params['object_id']
+    try:
+      obj = storage.get_file_obj(bucket, name)
+    except NotFound:
+      response.status = http.HTTPStatus.NOT_FOUND
+      return None
+    size, start = int(obj['size']), int(match.group(1))
+    end = min(size, int(match.group(2)) + 1) if match.group(2) else size
+    # pylint: disable-next=protected-access
+    with open(storage._store._disk_path(storage._object_path(bucket, name)), 'rb') as f:
+      f.seek(start)
+      data = f.read(max(0, end - start))
+    response['Content-Range'] = f'bytes {start}-{end - 1}/{size}'
+    response.status = http.HTTPStatus.PARTIAL_CONTENT
+    response.write_file(data, content_type=obj.get('contentType'))
+    return None
+
+  return wrapped
+
+
 def _move(request, response, storage, *args, **kwargs):
   """objects.moveTo within a bucket: the destination appears whole, then the source goes."""
   from gcp_storage_emulator.exceptions import NotFound  # pylint: disable=g-import-not-at-top
@@ -136,12 +167,15 @@ def _install() -> None:
   from gcp_storage_emulator import server  # pylint: disable=g-import-not-at-top
   from gcp_storage_emulator import settings  # pylint: disable=g-import-not-at-top
   from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
-  guarded = {objects.get, objects.download, objects.insert, objects.upload_partial,
-             objects.delete, objects.xml_upload}
+  download = objects.download
+  objects.download = _ranged_reads(download)  # Also what objects.get calls for alt=media.
+  guarded = {objects.get, download, objects.insert, objects.upload_partial, objects.delete,
+             objects.xml_upload}
   for _, handlers in server.HANDLERS:
     for method, handler in list(handlers.items()):
       if handler in guarded:
-        handlers[method] = _with_preconditions(handler)
+        handlers[method] = _with_preconditions(objects.download if handler is download
+                                               else handler)
       elif handler is objects.ls:
         handlers[method] = _list_with_offsets(handler)
   move = (rf'^{settings.API_ENDPOINT}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)'

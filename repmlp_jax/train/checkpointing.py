@@ -79,7 +79,7 @@ class Checkpoints:
     directory = storage.resolve(self.directory)
     target = directory.parent / folder / str(step)
     if jax.process_index() == 0:
-      target.parent.mkdir(parents=True, exist_ok=True)
+      storage.make_parents(target)
       if target.exists():
         target = target.parent / f'{step}.{len(list(target.parent.iterdir()))}'
       storage.move(directory / str(step), target)

@@ -42,7 +42,7 @@ class MetricWriter:
     self._lines = None  # The whole metrics.jsonl, kept when it is uploaded whole.
     if self.enabled:
       directory = storage.resolve(workdir)
-      directory.mkdir(parents=True, exist_ok=True)
+      storage.make_dirs(directory)
       self._jsonl = directory / 'metrics.jsonl'
       if storage.is_remote(directory):
         self._lines = self._jsonl.read_text(encoding='utf-8') if self._jsonl.exists() else ''
