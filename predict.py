@@ -22,7 +22,8 @@ from repmlp_jax.inference import predictor as inference
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('images', nargs='*', help='image files (any format PIL reads)')
-  parser.add_argument('--checkpoint', required=True, help='model directory (save_model format)')
+  parser.add_argument('--checkpoint', required=True,
+                      help='model directory (save_model format), local or gs://')
   parser.add_argument('--top-k', type=int, default=5, help='classes shown per image')
   parser.add_argument('--bf16', action='store_true', help='bfloat16 parameters and compute')
   parser.add_argument('--precision', choices=('default', 'high', 'highest'), default=None,
@@ -35,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--no-reparam', action='store_true',
                       help='run a training-form checkpoint as is, without re-parameterizing')
   parser.add_argument('--export', metavar='OUT.bin', default=None,
-                      help='also write a serialized deploy artifact (jax.export, any batch size)')
+                      help='also write a serialized deploy artifact (jax.export, any batch size; '
+                      'local or gs://)')
   args = parser.parse_args(argv)
   if not args.images and not args.export:
     parser.error('give image files to classify and/or --export OUT.bin')
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
       path = export.save_exported(args.export, export.export_predictor(predictor))
       print(f'Wrote {path} (input: (N, {predictor.image_size}, {predictor.image_size}, 3) '
             'normalized float32 images; output: logits).')
-  except (OSError, ValueError) as e:  # Bad input or a failed write: one line, no traceback.
+  except (OSError, ValueError, ImportError) as e:  # Bad input, a failed write, a missing extra.
     print(f'predict.py: error: {e}', file=sys.stderr)
     return 2
   return 0

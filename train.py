@@ -163,7 +163,7 @@ def main(argv):
   from repmlp_jax import outputs  # pylint: disable=g-import-not-at-top
   try:  # Before any data is read or anything compiles.
     workdir = outputs.check_workdir(_WORKDIR.value)
-  except OSError as e:
+  except (OSError, ImportError, ValueError) as e:  # ImportError: gs:// without the gcs extra.
     cli.error('train.py', e)
     return cli.EXIT_ERROR
   tf = cli.import_tensorflow_quietly()

@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   # JAX's persistent compilation cache: None = $XDG_CACHE_HOME/repmlp_jax/jax_cache (or
   # ~/.cache/...), a path = there, '' = off. A second start of the same config compiles nothing.
   config.compilation_cache_dir = config_dict.placeholder(str)
+  # TensorBoard event files in <workdir>/tensorboard beside metrics.jsonl (tf.summary; on a gs://
+  # workdir through TensorFlow's own GCS client).
+  config.tensorboard = True
 
   # Data (repmlp_jax.data.input_pipeline): 'imagenet2012', 'cifar10', 'cifar100', 'image_folder',
   # 'digits'. image_size: training crop; eval_image_size: test resize + center crop side.

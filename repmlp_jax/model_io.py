@@ -1,8 +1,9 @@
 """Saving and loading a model with its variables: an orbax checkpoint plus the model's settings.
 
 One directory holds `variables` (orbax StandardSave of {'params', 'batch_stats'}) and `model`
-(JSON: class and every setting), written atomically by orbax (to a temporary name, then
-renamed), so an interrupted save never leaves a directory that looks complete. Used by the
+(JSON: class and every setting), written atomically by orbax (locally to a temporary name, then
+renamed; on a gs:// bucket with a commit marker written last), so an interrupted save never
+leaves a directory that looks complete. Paths are local or gs:// (`repmlp_jax.storage`). Used by the
 converter (imported weights), the trainer (the final deploy checkpoint, fine-tuning) and
 inference.
 """
@@ -15,6 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from repmlp_jax import outputs
+from repmlp_jax import storage
 from repmlp_jax.models import factory as models
 
 
@@ -23,7 +25,8 @@ def save_model(path: str | os.PathLike, model: nn.Module, variables: Any, *,
   """Writes `model`'s settings and `variables` to the directory `path`.
 
   Args:
-    path: a directory that must not exist yet (unless `overwrite`).
+    path: a directory that must not exist yet (unless `overwrite`), local or gs://; missing
+      parents are created.
     model: the module the variables belong to (training or deploy form).
     variables: {'params': ..., 'batch_stats': ...}.
     overwrite: replace an existing checkpoint at `path`.
@@ -35,8 +38,11 @@ def save_model(path: str | os.PathLike, model: nn.Module, variables: Any, *,
   """
   path = outputs.check_new_output(path, overwrite=overwrite)
   _check_variables(model, variables)
-  with outputs.writing(path), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    checkpointer.save(path, args=ocp.args.Composite(
+  target = storage.resolve(path)
+  storage.make_parents(target)
+  with (outputs.writing(path), storage.reaching(path),
+        ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer):
+    checkpointer.save(target, args=ocp.args.Composite(
         model=ocp.args.JsonSave(models.model_spec(model)),
         variables=ocp.args.StandardSave(variables)), force=overwrite)
   return path
@@ -47,16 +53,17 @@ def load_model(path: str | os.PathLike, *, sharding: jax.sharding.Sharding | Non
   """Reads a directory written by `save_model`.
 
   Args:
-    path: the checkpoint directory.
+    path: the checkpoint directory, local or gs://.
     sharding: where to place every array (default: the first device).
   Returns:
     (model, variables).
   """
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f'No model checkpoint at {path}: expected a directory written by '
-                            'repmlp_jax.save_model, convert.py or train.py.')
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+  path = storage.resolve(path)
+  with storage.reaching(path):
+    if not path.is_dir():
+      raise FileNotFoundError(f'No model checkpoint at {path}: expected a directory written by '
+                              'repmlp_jax.save_model, convert.py or train.py.')
+  with storage.reaching(path), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     try:
       spec = checkpointer.restore(path, args=ocp.args.Composite(model=ocp.args.JsonRestore()))
     except (FileNotFoundError, ValueError, KeyError):

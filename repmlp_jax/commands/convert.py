@@ -12,6 +12,7 @@ import flax.linen as nn
 from repmlp_jax import hub
 from repmlp_jax import model_io
 from repmlp_jax import outputs
+from repmlp_jax import storage
 from repmlp_jax.reparameterize import deploy as reparameterize
 from repmlp_jax.pytorch import exporter as torch_export
 from repmlp_jax.pytorch import importer as torch_import
@@ -65,15 +66,18 @@ def import_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
 def _load_any(src: str | os.PathLike, name: str | None, use_ema: bool) -> tuple[nn.Module, Any,
                                                                                 list[str]]:
   """An orbax checkpoint directory (ours), a hub directory or a PyTorch file."""
-  if not os.path.exists(src):
-    raise FileNotFoundError(f'No checkpoint at {os.path.abspath(src)}: give a model directory of '
-                            'this package, a hub directory or a PyTorch .pth / .safetensors file.')
-  if os.path.isfile(os.path.join(src, hub.CONFIG_NAME)):
+  path = storage.resolve(src)
+  with storage.reaching(path):
+    if not path.exists():
+      raise FileNotFoundError(f'No checkpoint at {path}: give a model directory of this '
+                              'package, a hub directory or a PyTorch .pth / .safetensors file.')
+    is_hub, is_dir = (path / hub.CONFIG_NAME).is_file(), path.is_dir()
+  if is_hub:
     model, variables = hub.from_pretrained(src)
-    return model, variables, [f'read {_form(model)} form: {os.path.abspath(src)}']
-  if os.path.isdir(src):
+    return model, variables, [f'read {_form(model)} form: {path}']
+  if is_dir:
     model, variables = model_io.load_model(src)
-    return model, variables, [f'read {_form(model)} form: {os.path.abspath(src)}']
+    return model, variables, [f'read {_form(model)} form: {path}']
   result = torch_import.import_torch(src, name, use_ema=use_ema)
   return result.model, result.variables, result.describe().splitlines()
 
@@ -120,7 +124,7 @@ def export_checkpoint(src_dir: str | os.PathLike, out_file: str | os.PathLike, *
   what = {'official': 'the authors\' RepMLPNet', 'mmpretrain': 'mmpretrain\'s RepMLPNet'}[layout]
   if model.deploy:
     what += ' in deploy form'
-  return [f'read {_form(model)} form: {os.path.abspath(src_dir)}',
+  return [f'read {_form(model)} form: {storage.name(src_dir)}',
           f'wrote {layout} state_dict: {out_file} (loads into {what})']
 
 

@@ -17,6 +17,8 @@ Data sets (`DATASETS`): 'imagenet2012', 'cifar10', 'cifar100' (tfds, prepared on
 'image_folder' (`<data_dir>/train/<class>/*` and `<data_dir>/val/<class>/*`, classes sorted by
 name) and 'digits' (scikit-learn's 1797 8x8 digits, built in; every fifth image is the test
 split). ImageNet labels follow the sorted WordNet ids, as torchvision's ImageFolder.
+data_dir may be a gs:// URL: tfds data sets take it as it is (tfds reads buckets through
+TensorFlow's GCS client), image folders are listed through `repmlp_jax.storage`.
 
 Sharding: each process reads its own slice, tfds.split_for_jax_process semantics (even split;
 train drops the < process_count remainder so every process has the same number of steps).
@@ -49,6 +51,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from repmlp_jax import storage
 from repmlp_jax.data import preprocess as pp
 
 DATASETS = ('digits', 'cifar10', 'cifar100', 'imagenet2012', 'image_folder')
@@ -244,22 +247,22 @@ def _image_folder_source(data_dir: str | None) -> _ArraySource:
     raise ValueError(f"name='image_folder' needs data_dir: a folder laid out as {layout}.")
   splits, class_names = {}, ()
   for split in ('train', 'val'):
-    root = os.path.join(data_dir, split)
-    if not os.path.isdir(root):
+    root = os.fspath(storage.resolve(data_dir) / split)  # Local or gs:// (tf.io reads both).
+    if not storage.resolve(root).is_dir():
       raise FileNotFoundError(f'Image folder {root!r} does not exist; expected {layout}.')
-    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    folders = sorted(entry.name for entry in storage.resolve(root).iterdir() if entry.is_dir())
     if split == 'train':
       class_names = tuple(folders)
     elif unknown := set(folders) - set(class_names):
       raise ValueError(f'{root!r} has classes missing from train: {sorted(unknown)}.')
     paths, labels = [], []
     for label, name in enumerate(class_names):
-      folder = os.path.join(root, name)
-      if not os.path.isdir(folder):
+      folder = storage.resolve(root) / name
+      if not folder.is_dir():
         continue
-      for file in sorted(os.listdir(folder)):
+      for file in sorted(entry.name for entry in folder.iterdir()):
         if file.lower().endswith(_IMAGE_EXTENSIONS):
-          paths.append(os.path.join(folder, file))
+          paths.append(os.fspath(folder / file))
           labels.append(label)
     if not paths:
       raise FileNotFoundError(f'No images ({", ".join(_IMAGE_EXTENSIONS)}) under {root!r}; '

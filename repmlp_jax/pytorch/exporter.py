@@ -13,7 +13,6 @@ from typing import Any
 
 import flax.linen as nn
 
-from repmlp_jax import atomic_write as new_file
 from repmlp_jax import outputs
 from repmlp_jax import families
 from repmlp_jax.pytorch import files as torch_files
@@ -53,11 +52,11 @@ def save_torch(path: str | os.PathLike, model: nn.Module, variables: Any, *,
   """Writes `to_torch_state_dict(model, variables)` with torch.save; never overwrites.
 
   The official layout is a raw state_dict (like the released files); mmpretrain's is
-  {'state_dict': ..., 'meta': {}}. The file is written atomically (`atomic_write`), so an
+  {'state_dict': ..., 'meta': {}}. The file is written atomically (`outputs.write_new_file`), so an
   interrupted export leaves no partial file.
 
   Args:
-    path: the .pth file to create; must not exist.
+    path: the .pth file to create (local or gs://); must not exist.
     model, variables: as for `to_torch_state_dict`.
     layout: 'official' or 'mmpretrain'.
   Returns:
@@ -67,4 +66,4 @@ def save_torch(path: str | os.PathLike, model: nn.Module, variables: Any, *,
   outputs.check_new_output(path)  # Before the conversion, which can take a while.
   sd = to_torch_state_dict(model, variables, layout=layout)
   obj = sd if layout == 'official' else {'state_dict': sd, 'meta': {}}
-  return new_file.write_new_file(path, lambda f: torch.save(obj, f))
+  return outputs.write_new_file(path, lambda f: torch.save(obj, f))

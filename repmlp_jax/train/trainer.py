@@ -7,6 +7,7 @@ Layout of a workdir:
   tensorboard/          the same scalars for TensorBoard
   config.json           the config of the latest start
   damaged_checkpoints/  checkpoints that could not be read, set aside on resuming (recovery.py)
+The workdir may be a gs:// URL (repmlp_jax.storage): on a pod, where every host must see it.
 
 Rerunning the same command resumes from the last checkpoint and continues exactly as an
 uninterrupted run would: the state holds the step and the rng (each step folds the step into
@@ -24,6 +25,7 @@ from typing import Any, Iterator
 import jax
 import ml_collections
 import numpy as np
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from repmlp_jax import families
@@ -31,6 +33,7 @@ from repmlp_jax.train import checkpointing
 from repmlp_jax.data import input_pipeline
 from repmlp_jax import model_io
 from repmlp_jax import outputs
+from repmlp_jax import storage
 from repmlp_jax.train import sharding
 from repmlp_jax.pytorch import mapping
 from repmlp_jax.train import experiment
@@ -51,7 +54,9 @@ def _check_data_dir(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'dataset={config.dataset!r} needs --config.data_dir=<root with '
                        'train/<class>/* and val/<class>/*>.')
     return
-  if not os.path.isdir(data_dir):
+  with storage.reaching(data_dir):
+    found = storage.resolve(data_dir).is_dir()
+  if not found:
     raise FileNotFoundError(
         f'config.data_dir={data_dir!r} does not exist. For tfds data sets pass the directory '
         f'that holds the prepared data (e.g. the --data_dir of `tfds build {config.dataset}`); '
@@ -108,8 +113,9 @@ def load_pretrained(exp: experiment.Experiment, state: dict[str, Any], path: str
   if source_model.deploy:
     raise ValueError(f'{path} holds a deploy-form model, which cannot be trained; convert or save '
                      'the training form (the official training-time weights).')
-  loaded = {c: dict(_flatten(variables[c])) for c in ('params', 'batch_stats')}
-  new = {c: dict(_flatten(state[c])) for c in ('params', 'batch_stats')}
+  loaded = {c: traverse_util.flatten_dict(variables[c], sep='/')
+            for c in ('params', 'batch_stats')}
+  new = {c: traverse_util.flatten_dict(state[c], sep='/') for c in ('params', 'batch_stats')}
   classifier = families.of(exp.model).classifier + '/'
   for collection in new:
     for key in [k for k in new[collection] if k.startswith(classifier)]:
@@ -121,31 +127,12 @@ def load_pretrained(exp: experiment.Experiment, state: dict[str, Any], path: str
         {k: v.shape for k, v in loaded[collection].items()})
   result = dict(state)
   for collection in new:
-    tree = _unflatten(loaded[collection])
+    tree = traverse_util.unflatten_dict(loaded[collection], sep='/')
     result[collection] = jax.device_put(tree, exp.state_sharding[collection])
   if 'ema' in state:
     result['ema'] = {c: jax.device_put(result[c], exp.state_sharding['ema'][c])
                      for c in ('params', 'batch_stats')}
   return result
-
-
-def _flatten(tree: Any, prefix: str = ''):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _flatten(value, f'{prefix}{key}/')
-    else:
-      yield f'{prefix}{key}', value
-
-
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for key, value in flat.items():
-    *parents, leaf = key.split('/')
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
 
 
 def _pull_and_check(pending: list[dict[str, jax.Array]], first_step: int,
@@ -167,8 +154,8 @@ def _pull_and_check(pending: list[dict[str, jax.Array]], first_step: int,
 
 def _write_config(config, workdir: str) -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+    (storage.resolve(workdir) / 'config.json').write_text(
+        config.to_json_best_effort(indent=2, sort_keys=True) + '\n', encoding='utf-8')
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> experiment.Experiment:
@@ -200,8 +187,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      'build_experiment(config) of this config, or none.')
   steps = exp.steps
 
-  checkpoints = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'))
-  writer = metric_writers.MetricWriter(workdir)
+  checkpoints = checkpointing.Checkpoints(storage.resolve(workdir) / 'checkpoints')
+  writer = metric_writers.MetricWriter(workdir, tensorboard=config.get('tensorboard', True))
   stop = checkpointing.StopRequest()
   bar = None
   try:
@@ -249,9 +236,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if eval_metrics is None:  # Resumed after the last step: evaluate what was restored.
       eval_metrics = exp.evaluate(state, _eval_batches(config, exp.batch_sharding))
       bar.write(_summary(step, eval_metrics))
-    deploy_dir = os.path.join(workdir, 'deploy')
+    deploy_dir = os.fspath(storage.resolve(workdir) / 'deploy')
     # Decided by process 0 for all: save_model is collective, every process must join it.
-    exists = multihost_utils.broadcast_one_to_all(np.asarray(os.path.exists(deploy_dir)))
+    exists = multihost_utils.broadcast_one_to_all(
+        np.asarray(storage.resolve(deploy_dir).exists()))
     if not exists:
       kept = (f'the trained state is kept in {checkpoints.directory} (step {step}); free space, '
               'then rerun the same command to write it')
