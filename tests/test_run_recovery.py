@@ -121,7 +121,7 @@ def test_no_readable_checkpoint_is_one_line_and_no_fresh_start(two_checkpoints, 
   damage(workdir, 4)
   damage(workdir, 2)
   capsys.readouterr()
-  assert run_train_py(workdir) == 1
+  assert run_train_py(workdir) == cli.EXIT_USAGE  # An unreadable input.
   err = capsys.readouterr().err.splitlines()
   assert err == [f'train.py: error: No checkpoint in {workdir}/checkpoints can be read (steps 4, '
                  '2 are damaged); restore them from a copy, or move them away to start this run '
@@ -133,7 +133,8 @@ def test_changed_model_is_one_line_naming_the_field(two_checkpoints, tmp_path, c
   workdir = copy_of(two_checkpoints, tmp_path)
   with open(workdir / 'config.json', encoding='utf-8') as f:
     written = f.read()
-  assert run_train_py(workdir, '--config.model_overrides.channels=(16,32,64,128)') == 1
+  assert run_train_py(workdir, '--config.model_overrides.channels=(16,32,64,128)') == \
+      cli.EXIT_USAGE  # A wrong model.
   err = capsys.readouterr().err.splitlines()
   assert len(err) == 1, err
   assert err[0].startswith(f'train.py: error: {workdir} holds checkpoints (step 4) of another '
@@ -175,7 +176,7 @@ def test_full_disk_while_saving_then_resume(two_checkpoints, tmp_path, capsys, m
   shutil.rmtree(workdir / 'deploy')
   with monkeypatch.context() as m:
     _full_disk(m)
-    assert run_train_py(workdir) == 1
+    assert run_train_py(workdir) == cli.EXIT_ERROR
   err = capsys.readouterr().err.splitlines()
   assert err == [f'train.py: error: Cannot write {workdir}/checkpoints/4: no space left on device; '
                  f'the last good checkpoint is step 2 in {workdir}/checkpoints; free space, then '
@@ -192,7 +193,7 @@ def test_full_disk_while_writing_the_deploy_model(two_checkpoints, tmp_path, cap
   shutil.rmtree(workdir / 'deploy')
   with monkeypatch.context() as m:
     _full_disk(m)
-    assert run_train_py(workdir) == 1
+    assert run_train_py(workdir) == cli.EXIT_ERROR
   err = capsys.readouterr().err.splitlines()
   assert err == [f'train.py: error: Cannot write {workdir}/deploy: no space left on device; the '
                  f'trained state is kept in {workdir}/checkpoints (step 4); free space, then '
