@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
+  cli.hide_orbax_logs()  # A failed write is said in one line, without orbax's tracebacks.
   try:
     lines = run(args)
   except (ValueError, OSError, ImportError) as e:  # Bad input: say what and why, no traceback.

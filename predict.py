@@ -83,6 +83,7 @@ def _names_note(predictor: inference.Predictor) -> str | None:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  cli.hide_orbax_logs()  # A failed write is said in one line, without orbax's tracebacks.
   try:
     if args.export:  # Refused before the model loads (seconds) if the file exists.
       outputs.check_new_output(args.export)

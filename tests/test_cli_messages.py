@@ -27,6 +27,7 @@ import repmlp_jax
 from repmlp_jax import model_io
 from repmlp_jax.commands import cli
 from repmlp_jax.train import metric_writers
+from repmlp_jax.train import trainer
 from tests import digits_run
 from tests import helpers
 from tests import torch_checkpoints as tc
@@ -98,6 +99,20 @@ def test_a_failed_start_leaves_no_workdir(config, expected, tmp_path):
   code, lines = run_train_py('--config', config, '--workdir', str(workdir))
   assert code == cli.EXIT_USAGE and len(lines) == 1 and expected in lines[0], lines
   assert os.listdir(tmp_path) == ['new'] and os.listdir(tmp_path / 'new') == []
+
+
+def test_a_failed_start_restores_the_workdir_it_found(tmp_path):
+  """It fails after the trainer wrote its first files (config.json, logs, checkpoints/)."""
+  workdir = tmp_path / 'work'
+  workdir.mkdir()
+  (workdir / 'notes.txt').write_text('mine')
+  (workdir / 'config.json').write_text('{}')
+  config = digits_run.config()
+  config.init_from = str(tmp_path / 'nowhere')
+  with pytest.raises(FileNotFoundError, match='No model at'):
+    trainer.train_and_evaluate(config, str(workdir))
+  assert sorted(os.listdir(workdir)) == ['config.json', 'notes.txt']
+  assert (workdir / 'config.json').read_text() == '{}'
 
 
 @pytest.fixture(name='training_file')
@@ -238,12 +253,19 @@ def test_plain_progress_lines_when_not_a_terminal(monkeypatch):
   assert lines[3] == 'step 54/100 (54%), 10.0 img/s, ETA 0:00:46, loss 2'
 
 
-def test_a_real_full_disk(model_dir, tmp_path, capsys):
-  """A 64 KiB tmpfs, where the test may mount one (root on Linux); the tiny model needs more."""
+def test_a_real_full_disk(model_dir, tmp_path):
+  """A 64 KiB tmpfs, where the test may mount one (root on Linux); the tiny model needs more.
+
+  convert.py as a user runs it: orbax's background threads log a traceback each as the save
+  fails; the terminal shows only the command's line.
+  """
   disk = tmp_path / 'disk'
   with helpers.tmpfs(disk, '64k'):
-    assert convert.main(['reparam', model_dir, str(disk / 'deploy')]) == 1
-    assert capsys.readouterr().err.splitlines() == [
+    done = subprocess.run([sys.executable, 'convert.py', 'reparam', model_dir,
+                           str(disk / 'deploy')], cwd=ROOT, env={**os.environ, 'PYTHONPATH': ROOT},
+                          timeout=300, capture_output=True, text=True, check=False)
+    assert done.returncode == cli.EXIT_ERROR
+    assert done.stderr.splitlines() == [
         f'convert.py reparam: error: Cannot write {disk}/deploy: no space left on device.']
     assert os.listdir(disk) == []
 

@@ -195,7 +195,7 @@ def test_clear_errors(tiny, tmp_path):
     predictor.predict_files([broken])
   with pytest.raises(FileNotFoundError, match='missing.png'):
     predictor.predict_files([tmp_path / 'missing.png'])
-  with pytest.raises(FileNotFoundError, match='No model checkpoint'):
+  with pytest.raises(FileNotFoundError, match='No model at'):
     inference.Predictor.from_checkpoint(tmp_path / 'no_such_checkpoint')
 
 

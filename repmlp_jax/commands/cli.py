@@ -53,16 +53,18 @@ class _NotFrom(logging.Filter):
 
 
 def hide_orbax_logs() -> None:
-  """Keeps orbax's log records off the terminal (the commands run without --verbosity).
+  """Keeps orbax's log records off the terminal (train.py without --verbosity, convert.py,
+  predict.py).
 
   Every save logs at INFO, and a failed save logs each of its background threads' tracebacks at
   ERROR, about a hundred lines, before the error reaches the command, which says it in one line.
+  orbax logs through absl's logger; the root logger's handlers catch anything else of it.
   """
   import orbax.checkpoint  # pylint: disable=g-import-not-at-top
   directory = os.path.dirname(os.path.dirname(os.path.abspath(orbax.checkpoint.__file__)))
-  for handler in logging.getLogger().handlers + logging.getLogger('absl').handlers:
-    if not any(isinstance(f, _NotFrom) for f in handler.filters):
-      handler.addFilter(_NotFrom(directory + os.sep))
+  for where in [logging.getLogger('absl')] + logging.getLogger().handlers:
+    if not any(isinstance(f, _NotFrom) for f in where.filters):
+      where.addFilter(_NotFrom(directory + os.sep))
 
 
 @contextlib.contextmanager
