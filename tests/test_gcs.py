@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 
@@ -35,6 +34,7 @@ pytest.importorskip('gcp_storage_emulator',
                     "pip install 'repmlp-jax[test]'")
 
 from repmlp_jax import model_io  # noqa: E402  pylint: disable=g-import-not-at-top
+from repmlp_jax.train import trainer  # noqa: E402  pylint: disable=g-import-not-at-top
 from tests import gcs_emulator
 from tests import test_train_loop as tl
 from tests import test_train_process as tp
@@ -75,7 +75,8 @@ def _read_jsonl(path):
 
 
 def _final_state(workdir):
-  return tl.restore_final_state(tp._config(), workdir, tp.STEPS)  # pylint: disable=protected-access
+  exp = trainer.build_experiment(tp._config())  # pylint: disable=protected-access
+  return tl.restore_final_state(exp, workdir, tp.STEPS)
 
 
 @pytest.fixture(scope='module', name='bucket_run')

@@ -198,7 +198,7 @@ def test_clear_errors(tiny, tmp_path):
     predictor.predict_files([broken])
   with pytest.raises(FileNotFoundError, match='missing.png'):
     predictor.predict_files([tmp_path / 'missing.png'])
-  with pytest.raises(FileNotFoundError, match='No model checkpoint'):
+  with pytest.raises(FileNotFoundError, match='No model at'):
     inference.Predictor.from_checkpoint(tmp_path / 'no_such_checkpoint')
 
 
@@ -225,6 +225,6 @@ def test_cli_classifies_files_and_exports(tiny, tmp_path, capsys):
   assert predict.main(['--checkpoint', checkpoint, '--export', os.fspath(out_file)]) == 2
   assert 'already exists' in capsys.readouterr().err and out_file.stat().st_size == size
   assert predict.main(['--checkpoint', os.fspath(tmp_path / 'nope'), paths[0]]) == 2
-  assert 'No model checkpoint' in capsys.readouterr().err
+  assert 'No model at' in capsys.readouterr().err
   assert predict.main(['--checkpoint', checkpoint, '--image-size', '48', paths[0]]) == 2
   assert 'multiples of 32' in capsys.readouterr().err

@@ -157,7 +157,7 @@ def test_no_readable_checkpoint_is_one_line_and_no_fresh_start(three_checkpoints
   for step in (2, 3, 4):
     damage(workdir, step)
   capsys.readouterr()
-  assert run_train_py(workdir) == 1
+  assert run_train_py(workdir) == cli.EXIT_USAGE  # An unreadable input.
   err = capsys.readouterr().err.splitlines()
   assert err == [f'train.py: error: No checkpoint in {workdir}/checkpoints can be read (steps 4, '
                  '3, 2 are damaged); restore them from a copy, or move them away to start this '
@@ -169,7 +169,8 @@ def test_changed_model_is_one_line_naming_the_field(three_checkpoints, tmp_path,
   workdir = copy_of(three_checkpoints, tmp_path)
   with open(workdir / 'config.json', encoding='utf-8') as f:
     written = f.read()
-  assert run_train_py(workdir, '--config.model_overrides.channels=(16,32,64,128)') == 1
+  assert run_train_py(workdir, '--config.model_overrides.channels=(16,32,64,128)') == \
+      cli.EXIT_USAGE  # A wrong model.
   err = capsys.readouterr().err.splitlines()
   assert len(err) == 1, err
   assert err[0].startswith(f'train.py: error: {workdir} holds checkpoints (step 4) of another '
@@ -211,7 +212,7 @@ def test_full_disk_while_saving_then_resume(three_checkpoints, tmp_path, capsys,
   shutil.rmtree(workdir / 'deploy')
   with monkeypatch.context() as m:
     _full_disk(m)
-    assert run_train_py(workdir) == 1
+    assert run_train_py(workdir) == cli.EXIT_ERROR
   err = capsys.readouterr().err.splitlines()
   assert err == [f'train.py: error: Cannot write {workdir}/checkpoints/4: no space left on device; '
                  f'the last good checkpoint is step 3 in {workdir}/checkpoints; free space, then '
@@ -229,7 +230,7 @@ def test_full_disk_while_writing_the_deploy_model(three_checkpoints, tmp_path, c
   shutil.rmtree(workdir / 'deploy')
   with monkeypatch.context() as m:
     _full_disk(m)
-    assert run_train_py(workdir) == 1
+    assert run_train_py(workdir) == cli.EXIT_ERROR
   err = capsys.readouterr().err.splitlines()
   assert err == [f'train.py: error: Cannot write {workdir}/deploy: no space left on device; the '
                  f'trained state is kept in {workdir}/checkpoints (step 4); free space, then '

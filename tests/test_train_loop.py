@@ -15,21 +15,13 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import common
-from configs import digits
 from repmlp_jax.train import checkpointing
 from repmlp_jax import model_io
 from repmlp_jax.train import trainer
+from tests import digits_run
 
-TOTAL_STEPS = 4
-
-
-def digits_config():
-  config = digits.get_config()
-  config.num_train_steps = TOTAL_STEPS
-  config.eval_every_epochs = 100.0  # Evaluate at the end only.
-  config.checkpoint_every_steps = 2
-  config.log_every_steps = 1
-  return config
+TOTAL_STEPS = digits_run.TOTAL_STEPS
+digits_config = digits_run.config
 
 
 def restore_final_state(exp, workdir, step):
@@ -47,13 +39,13 @@ def read_jsonl(workdir):
 
 @pytest.fixture(scope='module')
 def digits_experiment():
-  return trainer.build_experiment(digits_config())
+  return digits_run.experiment()
 
 
 @pytest.fixture(scope='module')
-def uninterrupted(tmp_path_factory, digits_experiment):
-  workdir = str(tmp_path_factory.mktemp('digits_uninterrupted'))
-  return workdir, trainer.train_and_evaluate(digits_config(), workdir, exp=digits_experiment)
+def uninterrupted():
+  run = digits_run.run()  # The run other test files read too: trained once per process.
+  return run.workdir, run.result
 
 
 def test_digits_default_runs_and_writes_everything(uninterrupted):

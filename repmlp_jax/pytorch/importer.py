@@ -36,13 +36,13 @@ class TorchImport:
 
   def describe(self) -> str:
     """What was detected, in words."""
-    variant = self.name
-    if variant is None:
-      settings = families.torch_keys_of(self.model).describe(self.model)
-      variant = f'custom {type(self.model).__name__} ({settings})'
+    if self.name is None:  # The settings in words name the class and num_classes.
+      variant = f'custom {families.torch_keys_of(self.model).describe(self.model)}'
+    else:
+      variant = f'{self.name}, num_classes={self.model.num_classes}'
     lines = [f'read: {self.file.describe()}',
              f'layout: {self.layout}; form in file: {"deploy" if self.file_deploy else "training"}',
-             f'model: {variant}, num_classes={self.model.num_classes}'
+             f'model: {variant}'
              + (f', gp_hidden_divisor={self.model.gp_hidden_divisor}'
                 if getattr(self.model, 'gp_hidden_divisor', 1) != 1 else '')]
     if self.reparameterized:

@@ -98,6 +98,22 @@ class Checkpoints:
       raise FileNotFoundError(f'No checkpoint in {self.directory}.')
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
+  def restore_part(self, step: int, keys: tuple[str, ...],
+                   sharding: jax.sharding.Sharding) -> dict[str, Any]:
+    """Reads only the top-level entries `keys` of checkpoint `step` (e.g. the params for an
+    export; the optimizer state is left unread), every array placed with `sharding`."""
+    stored = self.stored_shapes(step)
+    missing = [k for k in keys if k not in stored]
+    if missing:
+      raise KeyError(missing[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                            {k: stored[k] for k in keys})
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+      return checkpointer.restore(
+          storage.resolve(self.directory) / str(step) / _ITEM, args=ocp.args.PyTreeRestore(
+              item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+              partial_restore=True))
+
   def save(self, step: int, state: Any, metrics: dict[str, float] | None = None) -> None:
     """Writes `state` as checkpoint `step` (atomically: a temporary directory, then renamed).
 

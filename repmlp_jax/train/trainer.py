@@ -14,12 +14,16 @@ uninterrupted run would: the state holds the step and the rng (each step folds t
 it) and the input pipeline restarts at that step. SIGTERM / SIGINT (single process) or a
 preemption notice (multi-process) saves a checkpoint at the next step boundary and stops.
 A non-finite loss stops the run with FloatingPointError; every save is preceded by a check of
-all steps since the previous one, so the last checkpoint is always a finite state.
+all steps since the previous one, so the last checkpoint is always a finite state. A start that
+fails before its first step (no data, a bad init_from) leaves the workdir as it found it.
+A finished run ends with one line: its final accuracies and where the deploy model and the
+metrics are.
 """
 
 import dataclasses
 import math
 import os
+import shutil
 from typing import Any, Iterator
 
 import jax
@@ -179,19 +183,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     The last evaluation's metrics ('top1', 'top5', 'deploy_top1', ...) with 'step', or, when
     stopped by a signal / preemption, {'step': ..., 'preempted': True}.
   """
+  before = _WorkdirSnapshot(workdir)
   workdir = outputs.check_workdir(workdir)  # Before any data is read or anything compiles.
-  if exp is None:
-    exp = build_experiment(config)
-  elif not exp.built_from(config):
-    raise ValueError('The Experiment passed was built from another config; pass '
-                     'build_experiment(config) of this config, or none.')
-  steps = exp.steps
-
-  checkpoints = checkpointing.Checkpoints(storage.resolve(workdir) / 'checkpoints')
-  writer = metric_writers.MetricWriter(workdir, tensorboard=config.get('tensorboard', True))
-  stop = checkpointing.StopRequest()
-  bar = None
+  checkpoints = writer = stop = bar = finished = None
+  started = False  # Whether a step ran (or the run was complete): then nothing is undone.
   try:
+    if exp is None:
+      exp = build_experiment(config)
+    elif not exp.built_from(config):
+      raise ValueError('The Experiment passed was built from another config; pass '
+                       'build_experiment(config) of this config, or none.')
+    steps = exp.steps
+
+    checkpoints = checkpointing.Checkpoints(storage.resolve(workdir) / 'checkpoints')
+    writer = metric_writers.MetricWriter(workdir, tensorboard=config.get('tensorboard', True))
+    stop = checkpointing.StopRequest()
     state = recovery.restore_newest_readable(checkpoints, exp.abstract_state, config,
                                              warn=_print_once)
     _write_config(config, workdir)  # After the check against the config that wrote the workdir.
@@ -209,6 +215,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     while step < steps.total:
       batch = sharding.global_batch(next(train_iter), exp.batch_sharding)
       state, measurements = exp.train_step(state, batch)
+      started = True
       pending.append(measurements)
       step += 1
       evaluate = step % steps.eval_every == 0 or step == steps.total
@@ -233,6 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                   f'{checkpoints.directory}. Rerun the same command to resume.')
         return {'step': step, 'preempted': True}
 
+    started = True
     if eval_metrics is None:  # Resumed after the last step: evaluate what was restored.
       eval_metrics = exp.evaluate(state, _eval_batches(config, exp.batch_sharding))
       bar.write(_summary(step, eval_metrics))
@@ -247,18 +255,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         model_io.save_model(deploy_dir, exp.deploy_model,
                             exp.reparam({'params': state['params'],
                                          'batch_stats': state['batch_stats']}))
+    finished = _finished(step, eval_metrics, workdir)
     return {'step': step, **eval_metrics}
   finally:
-    stop.close()
-    if bar is not None:
-      bar.close()
-    checkpoints.close()
-    writer.close()
+    for resource in (stop, bar, checkpoints, writer):
+      if resource is not None:
+        resource.close()
+    if not started:
+      before.restore()
+    if finished:
+      _print_once(finished)  # After the progress bar is gone: the last line of the run.
+
+
+class _WorkdirSnapshot:
+  """What a local workdir held before a start, to undo a start that fails before its first step.
+
+  A bucket workdir is left as it is: a failed start writes at most its config.json there.
+  """
+
+  def __init__(self, workdir: str | os.PathLike):
+    self.remote = storage.is_remote(workdir)
+    self.workdir = os.path.abspath(os.fspath(workdir))
+    self.existed = self.remote or os.path.isdir(self.workdir)
+    self.paths = set()
+    self.config = None
+    if self.existed:
+      self.paths = {os.path.join(root, name) for root, dirs, files in os.walk(self.workdir)
+                    for name in dirs + files}
+      config = os.path.join(self.workdir, 'config.json')
+      if os.path.isfile(config):
+        with open(config, 'rb') as f:
+          self.config = f.read()
+
+  def restore(self) -> None:
+    """Removes what appeared since (never checkpoints set aside as damaged) and the workdir
+    itself if it was created; puts the previous config.json back."""
+    if jax.process_index() != 0 or self.remote or not os.path.isdir(self.workdir):
+      return
+    kept = os.path.join(self.workdir, recovery.DAMAGED_DIR)
+    for root, dirs, files in os.walk(self.workdir, topdown=False):
+      for name in files + dirs:
+        path = os.path.join(root, name)
+        if path not in self.paths and not (path + os.sep).startswith(kept + os.sep):
+          if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+          else:
+            os.unlink(path)
+    if self.config is not None:
+      with open(os.path.join(self.workdir, 'config.json'), 'wb') as f:
+        f.write(self.config)
+    if not self.existed and not os.listdir(self.workdir):
+      os.rmdir(self.workdir)
 
 
 def _print_once(message: str) -> None:
   if jax.process_index() == 0:
     print(message, flush=True)
+
+
+def _finished(step: int, m: dict[str, float], workdir: str) -> str:
+  """The run's last line: done, the final accuracies of both forms, where the results are."""
+  text = (f'Finished at step {step}: eval top-1 {100 * m["top1"]:.2f}% (training form), '
+          f'{100 * m["deploy_top1"]:.2f}% (deploy form)')
+  if 'ema_top1' in m:
+    text += f', {100 * m["ema_top1"]:.2f}% (EMA)'
+  return (text + f'; deploy model in {os.path.join(workdir, "deploy")}, metrics in '
+          f'{os.path.join(workdir, "metrics.jsonl")}.')
 
 
 def _summary(step: int, m: dict[str, float]) -> str:
