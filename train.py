@@ -181,7 +181,7 @@ def main(argv):
     if flags.FLAGS['verbosity'].present:
       raise  # Asked for detail: the whole traceback.
     cli.error('train.py', e)
-    return cli.EXIT_ERROR
+    return cli.exit_status(e)
   # The trainer has printed the one line that says where it stopped and how to resume.
   return cli.EXIT_STOPPED if result.get('preempted') else cli.EXIT_OK
 

@@ -3,7 +3,8 @@
 Exit statuses of train.py (convert.py and predict.py use 0, 1 and 2 the same way):
   0   done.
   1   an error (bad input, damaged or incompatible checkpoints, a full disk): one line on stderr.
-  2   a usage error (unknown flag or config field, missing config file): one line on stderr.
+  2   a usage error (unknown flag or config field, missing config file, a config that cannot
+      work as given, e.g. programs that do not fit the TPU chips' memory): one line on stderr.
   75  stopped on request (SIGTERM, Ctrl-C, a preemption notice) after saving a checkpoint; the
       same command resumes. 75 is EX_TEMPFAIL of sysexits.h ("temporary failure, retry"), and
       it is distinct from 143 (128 + SIGTERM: killed before a checkpoint was saved), so a
@@ -21,6 +22,15 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_STOPPED = 75  # sysexits.h EX_TEMPFAIL.
+
+
+class ConfigError(ValueError):
+  """A config that cannot work as given: the user must change its fields (exit EXIT_USAGE)."""
+
+
+def exit_status(error: BaseException) -> int:
+  """The exit status of a run that stopped on `error` (one of the errors said in one line)."""
+  return EXIT_USAGE if isinstance(error, ConfigError) else EXIT_ERROR
 
 
 def error(prog: str, message: object, *, file: TextIO | None = None) -> None:

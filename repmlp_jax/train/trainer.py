@@ -35,7 +35,9 @@ from repmlp_jax.train import sharding
 from repmlp_jax.pytorch import mapping as state_dict_mapping
 from repmlp_jax.train import experiment as steps_lib
 from repmlp_jax.train import metric_writers as train_logging
+from repmlp_jax.train import profiling
 from repmlp_jax.train import recovery
+from repmlp_jax.tpu import compile_report
 
 # Errors whose message says all a user needs (what is wrong, what to do): train.py prints them as
 # one line instead of a traceback.
@@ -182,6 +184,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     stopped by a signal / preemption, {'step': ..., 'preempted': True}.
   """
   workdir = outputs.check_workdir(workdir)  # Before any data is read or anything compiles.
+  if config.get('compile_topology'):  # Compile for a TPU target and stop; reads no data.
+    return compile_report.compile_for_topology(config, workdir)
   _check_data_dir(config)
   info = input_pipeline.dataset_info(config.dataset, data_dir=config.data_dir)
   steps = steps_lib.derive_steps(config, info.num_train_examples)
@@ -190,6 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpoints = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'))
   writer = train_logging.MetricWriter(workdir)
   stop = checkpointing.StopRequest()
+  profiler = profiling.StepProfiler(config.get('profile_steps'), workdir)
   bar = None
   try:
     state = recovery.restore_newest_readable(checkpoints, exp.abstract_state, config,
@@ -208,9 +213,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_metrics, pending, step = None, [], start
     while step < steps.total:
       batch = sharding.global_batch(next(train_iter), exp.batch_sharding)
+      profiler.before_step(step + 1)
       state, measurements = exp.train_step(state, batch)
       pending.append(measurements)
       step += 1
+      profiler.after_step(step, (state, measurements))
       evaluate = step % steps.eval_every == 0 or step == steps.total
       stopping = stop.requested or checkpoints.reached_preemption(step)
       save = evaluate or stopping or step % steps.checkpoint_every == 0
@@ -248,6 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                          'batch_stats': state['batch_stats']}))
     return {'step': step, **eval_metrics}
   finally:
+    profiler.close()
     stop.close()
     if bar is not None:
       bar.close()
