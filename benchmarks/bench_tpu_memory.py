@@ -35,7 +35,7 @@ from repmlp_jax.tpu import topologies
 from repmlp_jax.tpu import train_programs
 from repmlp_jax.train import sharding
 
-PROGRAMS = ('train_step', 'eval_step', 'deploy_forward')
+PROGRAMS = train_programs.NAMES
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'train.py config (or use --model).')
 _MODEL = flags.DEFINE_string('model', None, "A model name: bench_models' programs of it.")
 _BATCH = flags.DEFINE_integer('batch', 512, '--model: global batch of the training step.')
@@ -97,7 +97,7 @@ def main(argv) -> int:
     about = {'model': _MODEL.value, 'dtype': _DTYPE.value, 'programs_of': 'bench_models'}
   else:
     config = _CONFIG.value
-    programs = train_programs.lower(config, mesh)
+    programs = train_programs.lower(config, mesh, tuple(_WHICH.value))
     about = {'model': config.model, 'dtype': config.dtype, 'programs_of': 'train.py'}
   programs = [p for p in programs if p.name in _WHICH.value]
   report, compiled = compile_report.compile_all(target, programs, devices, **about)

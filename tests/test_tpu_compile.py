@@ -137,6 +137,12 @@ def test_an_oversized_batch_on_v5e_1_is_one_line_and_exit_2(tmp_path):
   assert programs['train_step']['fits'] and not programs['eval_step']['fits']
 
 
+@needs_libtpu
+def test_a_batch_the_chips_do_not_share_evenly_is_refused_before_compiling(tmp_path):
+  with pytest.raises(cli.ConfigError, match='global_batch_size=6 must be a multiple of the 4 '):
+    compile_report.compile_for_topology(tiny_config('v5e-4', global_batch_size=6), str(tmp_path))
+
+
 @pytest.mark.parametrize('name, generation, grid', [
     ('v5e-4', 'v5e', (2, 2)), ('v5litepod-256', 'v5e', (16, 16)), ('v5e-1', 'v5e', (1, 1)),
     ('v6e-8', 'v6e', (2, 4)), ('v5p-8', 'v5p', (2, 2, 1)), ('v5p-128', 'v5p', (4, 4, 4)),

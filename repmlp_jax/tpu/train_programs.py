@@ -21,6 +21,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 
 from repmlp_jax import macs
+from repmlp_jax.commands import cli
 from repmlp_jax.data import input_pipeline
 from repmlp_jax.models import repmlpnet
 from repmlp_jax.train import experiment
@@ -28,6 +29,9 @@ from repmlp_jax.train import experiment
 # Training-split sizes of the tfds data sets, as their catalog publishes them: the schedule's
 # length in steps depends on it, the compiled programs do not.
 _TFDS_TRAIN_EXAMPLES = {'imagenet2012': 1_281_167, 'cifar10': 50_000, 'cifar100': 50_000}
+
+
+NAMES = ('train_step', 'eval_step', 'deploy_forward')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,39 +69,47 @@ def _useful_flops(model, size: int, forwards: int) -> float | None:
   return 2.0 * forwards * macs.macs_per_image(model, size)
 
 
-def lower(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> list[Program]:
-  """train.py's three programs for `config` on `mesh`, lowered (nothing compiled but reparam).
+def lower(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+          names: tuple[str, ...] = NAMES) -> list[Program]:
+  """train.py's programs for `config` on `mesh`, lowered (nothing compiled but reparam).
 
   Args:
     config: an experiment config (configs/common.py).
     mesh: a Mesh over the target's devices (train.sharding.create_mesh(topologies.devices(t))).
+    names: which of NAMES.
   Returns:
-    [train_step, eval_step, deploy_forward].
+    The programs of `names`, in the order of NAMES.
   """
+  for what in ('global_batch_size', 'eval_batch_size'):
+    if config[what] % mesh.size:
+      raise cli.ConfigError(f'config.{what}={config[what]} must be a multiple of the '
+                            f'{mesh.size} chips (each gets an equal share).')
   num_classes, num_train = dataset_shape(config)
   steps = experiment.derive_steps(config, num_train)
   exp = experiment.Experiment(config, num_classes=num_classes, steps=steps, mesh=mesh)
-  for what in ('global_batch_size', 'eval_batch_size'):
-    if config[what] % mesh.size:
-      raise ValueError(f'config.{what}={config[what]} must be a multiple of the {mesh.size} '
-                       'chips (each gets an equal share).')
   train_batch = _images(config.global_batch_size, config.image_size, exp.batch_sharding)
   eval_batch = _images(config.eval_batch_size, config.eval_image_size, exp.batch_sharding)
   eval_batch['mask'] = jax.ShapeDtypeStruct((config.eval_batch_size,), jnp.bool_,
                                             sharding=exp.batch_sharding)
   state = exp.abstract_state
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
-  # The deploy variables live where the compiled reparam puts them during evaluation.
-  reparam = exp.reparam.lower(variables).compile()
-  deploy_variables = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      jax.eval_shape(exp.reparam, variables), reparam.output_shardings)
-  return [
-      Program('train_step', exp.train_step.lower(state, train_batch), config.global_batch_size,
-              _useful_flops(exp.model, config.image_size, 3)),
-      Program('eval_step', exp.eval_counts.lower(variables, eval_batch), config.eval_batch_size,
-              _useful_flops(exp.model, config.eval_image_size, 1)),
-      Program('deploy_forward', exp.deploy_eval_counts.lower(deploy_variables, eval_batch),
-              config.eval_batch_size, _useful_flops(exp.deploy_model, config.eval_image_size, 1)),
-  ]
-
+  programs = []
+  if 'train_step' in names:
+    programs.append(Program('train_step', exp.train_step.lower(state, train_batch),
+                            config.global_batch_size,
+                            _useful_flops(exp.model, config.image_size, 3)))
+  if 'eval_step' in names:
+    programs.append(Program('eval_step', exp.eval_counts.lower(variables, eval_batch),
+                            config.eval_batch_size,
+                            _useful_flops(exp.model, config.eval_image_size, 1)))
+  if 'deploy_forward' in names:
+    # The deploy variables live where the compiled reparam puts them during evaluation.
+    reparam = exp.reparam.lower(variables).compile()
+    deploy_variables = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        jax.eval_shape(exp.reparam, variables), reparam.output_shardings)
+    programs.append(Program('deploy_forward',
+                            exp.deploy_eval_counts.lower(deploy_variables, eval_batch),
+                            config.eval_batch_size,
+                            _useful_flops(exp.deploy_model, config.eval_image_size, 1)))
+  return programs
