@@ -1,7 +1,7 @@
 """train.py's programs compiled for TPU topologies on the CPU (libtpu, the 'tpu' extra).
 
 One compile of the tiny variant's three programs for v5e:2x2 is shared by the report tests;
-the refusals (a batch too large for v5e-1, an unknown topology name) are one line each and
+the refusals (a program too large for the chip, an unknown topology name) are one line each and
 train.py's exit status 2.
 """
 
@@ -10,6 +10,7 @@ import json
 import math
 import types
 
+import jax
 import pytest
 
 from benchmarks import bench_memory
@@ -19,6 +20,7 @@ from repmlp_jax.commands import cli
 from repmlp_jax.models import factory
 from repmlp_jax.tpu import compile_report
 from repmlp_jax.tpu import topologies
+from repmlp_jax.tpu import train_programs
 from tests.test_cli_messages import run_train_py
 
 needs_libtpu = pytest.mark.skipif(
@@ -120,21 +122,39 @@ def test_the_compilers_out_of_memory_refusal_is_read():
   assert compile_report.out_of_hbm(RuntimeError('INTERNAL: something else')) is None
 
 
-@needs_libtpu
-def test_an_oversized_batch_on_v5e_1_is_one_line_and_exit_2(tmp_path):
-  # 65,536 images of 32 x 32 x 3 float32: the minor dimension of 3 takes 128 lanes on TPU,
-  # 32 GiB of input per chip.
-  config = tiny_config('v5e-1', global_batch_size=32, eval_batch_size=65536)
+def test_a_program_that_does_not_fit_is_one_line_and_exit_2():
+  chip = topologies.CHIPS['v5e']
+  config = tiny_config('v5e-1', global_batch_size=4096)
+  fits = {'hbm_bytes_per_chip': 2**30, 'hbm_capacity_bytes_per_chip': chip.hbm_bytes,
+          'fits': True}
+  report = {'topology': 'v5e-1', 'device_kind': 'TPU v5 lite', 'programs': {
+      'train_step': {'hbm_bytes_per_chip': int(23.5 * 2**30),
+                     'hbm_capacity_bytes_per_chip': chip.hbm_bytes, 'fits': False},
+      'eval_step': fits, 'deploy_forward': fits}}
   with pytest.raises(compile_report.DoesNotFit) as caught:
-    compile_report.compile_for_topology(config, str(tmp_path))
-  message = str(caught.value)
-  assert '\n' not in message and cli.exit_status(caught.value) == 2
-  assert message.startswith('eval_step does not fit on v5e-1: it needs ')
-  for field in ('GiB per chip, 16.00 GiB available', 'eval_batch_size (now 65536)', 'fsdp=True'):
-    assert field in message
-  with open(tmp_path / compile_report.REPORT_FILE, encoding='utf-8') as f:
-    programs = json.load(f)['programs']
-  assert programs['train_step']['fits'] and not programs['eval_step']['fits']
+    compile_report.check_fits(report, config)
+  assert cli.exit_status(caught.value) == 2
+  assert str(caught.value) == (
+      'train_step does not fit on v5e-1: it needs 23.50 GiB per chip, 16.00 GiB available (TPU '
+      'v5 lite); lower it with --config.global_batch_size (now 4096), --config.grad_accum_steps '
+      '(now 1), or shard the state with --config.fsdp=True (now False).')
+  report['programs']['train_step'] = fits
+  compile_report.check_fits(report, config)  # Everything fits: no error.
+
+
+def test_the_compilers_refusal_for_memory_becomes_a_report_entry():
+  message = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
+             'temporaries (16.81G) exceeds available HBM (15.75G)')
+
+  def refuse():
+    raise jax.errors.JaxRuntimeError(message)
+
+  program = train_programs.Program('train_step', types.SimpleNamespace(compile=refuse), 512,
+                                   None)
+  entry, compiled = compile_report.compile_program(program, 4, topologies.CHIPS['v5e'])
+  assert compiled is None and not entry['fits'] and entry['batch_per_chip'] == 128
+  assert entry['hbm_bytes_per_chip'] == int(16.81 * 2**30)
+  assert entry['compiler_hbm_limit_bytes'] == int(15.75 * 2**30)
 
 
 @needs_libtpu
