@@ -12,10 +12,12 @@ is run, only compiled, so the figures do not depend on the machine's load. On GP
 analysis leaves out cuBLAS/cuDNN custom calls: the figures are a CPU proxy.
 
 `--breakdown N` splits the bytes by the top-level instructions of the optimized program (each
-instruction's operands and result, as the cost analysis counts them) into three kinds: matmul
-(an instruction made from a dot_general: its input, weights and output), layout (a copy or a
-transpose on its own) and element-wise (everything else: bias, GELU, BatchNorm, gates,
-residuals, pooling), then lists the N largest groups (one group = one op of one stage).
+instruction's operands and result, as the cost analysis counts them) into kinds: matmul (an
+instruction made from a dot_general: its input, weights and output), layout (a copy or a
+transpose on its own), element-wise (everything else: bias, GELU, BatchNorm, gates, residuals,
+pooling) and, in TPU programs, async move (between HBM and on-chip memory) and collective,
+then lists the N largest groups (one group = one op of one stage). The same split of a TPU
+program: benchmarks/bench_tpu_memory.py.
 """
 
 import argparse
@@ -31,31 +33,45 @@ import jax.numpy as jnp
 
 import repmlp_jax
 from repmlp_jax.models import factory as models
-
-
-def count_ops(hlo_text: str) -> dict[str, int]:
-  """Transposes and copies among the instructions of an optimized HLO module's text."""
-  counts = {'transpose': 0, 'copy': 0}
-  for op in re.findall(r'=\s*\S+\s+(transpose|copy)\(', hlo_text):
-    counts[op] += 1
-  return counts
+from repmlp_jax.tpu import hlo
 
 
 _DTYPE_BYTES = {'f64': 8, 'f32': 4, 's32': 4, 'u32': 4, 'bf16': 2, 'f16': 2, 'pred': 1, 's8': 1,
                 'u8': 1}
-_INSTRUCTION = re.compile(r'\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) ([\w-]+)\((.*?)\)(.*)')
+# Parentheses nested up to three deep: tuple shapes and operand lists hold TPU layouts such as
+# `{3,2,1,0:T(8,128)(2,1)}`.
+_PARENS = r'\((?:[^()]|\((?:[^()]|\([^()]*\))*\))*\)'
+_INSTRUCTION = re.compile(rf'\s*(?:ROOT )?%(\S+) = ({_PARENS}|\S+) ([\w-]+)({_PARENS})(.*)')
 _FREE = ('parameter', 'constant', 'bitcast', 'tuple', 'get-tuple-element')
+_COLLECTIVES = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'collective-permute')
+
+
+_ARRAY = re.compile(r'(\w+)\[([\d,]*)\](?:\{([\d,]*)(?::([^}]*))?\})?')
 
 
 def _shape_bytes(shape: str) -> int:
-  """Bytes of an HLO shape such as `f32[8,56,56,96]{3,2,1,0}` (tuples: the sum)."""
+  """Bytes of an HLO shape such as `f32[8,56,56,96]{3,2,1,0}` (tuples: the sum).
+
+  A TPU layout's tile, `{3,2,1,0:T(8,128)}`, pads the most minor dimensions up to its sizes (a
+  minor dimension of 4 takes 128 lanes): the bytes are those of the padded array.
+  """
   total = 0
-  for dtype, dims in re.findall(r'(\w+)\[([\d,]*)\]', shape):
-    total += _DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(',') if d)
+  for dtype, dims, minor_to_major, tiling in _ARRAY.findall(shape):
+    sizes = [int(d) for d in dims.split(',') if d]
+    tile = re.match(r'T\(([\d,]+)\)', tiling)
+    if tile and minor_to_major:
+      tile_sizes = [int(t) for t in tile.group(1).split(',')]
+      for size, axis in zip(reversed(tile_sizes), (int(a) for a in minor_to_major.split(','))):
+        sizes[axis] = -(-sizes[axis] // size) * size
+    total += _DTYPE_BYTES.get(dtype, 4) * math.prod(sizes)
   return total
 
 
 def _kind(name: str, op: str, op_name: str) -> str:
+  if op.removesuffix('-start') in _COLLECTIVES:
+    return 'collective'
+  if op.endswith('-start'):
+    return 'async move'
   if 'dot_general' in op_name or op in ('dot', 'convolution'):
     return 'matmul'
   if op in ('copy', 'transpose') or name.startswith(('copy', 'transpose')):
@@ -67,7 +83,9 @@ def breakdown(hlo_text: str, batch: int) -> dict[str, Any]:
   """Bytes per image by kind and by (stage, op) over the entry computation's instructions.
 
   Each instruction counts its result and its operands once, as XLA's cost analysis does for a
-  fusion; parameters, constants, bitcasts and tuples move nothing.
+  fusion; parameters, constants, bitcasts and tuples move nothing. An asynchronous pair
+  (`copy-start` / `copy-done`, TPU's moves between HBM and on-chip memory; collectives) counts
+  at its start, its operands read and written once.
 
   Args:
     hlo_text: `compiled.as_text()` of a program without loops.
@@ -85,9 +103,10 @@ def breakdown(hlo_text: str, batch: int) -> dict[str, Any]:
       continue
     name, shape, op, operands, rest = match.groups()
     sizes[name] = _shape_bytes(shape)
-    if op in _FREE:
+    if op in _FREE or op.endswith('-done'):
       continue
-    moved = sizes[name] + sum(sizes.get(o, 0) for o in re.findall(r'%([\w.-]+)', operands))
+    read = sum(sizes.get(o, 0) for o in re.findall(r'%([\w.-]+)', operands))
+    moved = 2 * read if op.endswith('-start') else sizes[name] + read
     op_name = re.search(r'op_name="([^"]*)"', rest)
     op_name = op_name.group(1) if op_name else name
     kind = _kind(name, op, op_name)
@@ -119,7 +138,7 @@ def measure(model, batch: int, dtype=jnp.float32, breakdown_of: bool = False) ->
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # Older jax: one dict per device.
   text = compiled.as_text()
   result = {'bytes_per_image': cost['bytes accessed'] / batch,
-            'flops_per_image': cost['flops'] / batch, **count_ops(text)}
+            'flops_per_image': cost['flops'] / batch, **hlo.count_ops(text)}
   if breakdown_of:
     result['breakdown'] = breakdown(text, batch)
   return result

@@ -7,7 +7,7 @@
 For each variant and batch size: images/s of (a) training-form inference, (b) deploy-form
 inference, (c) one full training step (forward, backward, AdamW update, train-mode BatchNorm);
 compile time (JAX: lower + compile), memory, the multiply-accumulates per image counted from the
-layer shapes (`benchmarks.macs`) and the MFU: the model's FLOP rate (2 x MACs per image; a
+layer shapes (`repmlp_jax.macs`) and the MFU: the model's FLOP rate (2 x MACs per image; a
 training step counts 3 forwards) over the rate of a large matmul of the same dtype, timed in
 the same run. The PyTorch reference is `tests/torch_reference.py` (the authors' model: training
 form, the official deploy form from `.to_deploy()`, an AdamW step).
@@ -46,7 +46,7 @@ import numpy as np
 import optax
 
 import repmlp_jax
-from benchmarks import macs as macs_lib
+from repmlp_jax import macs as macs_lib
 from benchmarks import torch_cases
 from repmlp_jax.models import factory as models
 from repmlp_jax.reparameterize import deploy as reparameterize

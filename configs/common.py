@@ -105,6 +105,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.fsdp = False
   config.fsdp_min_size = 2**18
 
+  # Compile train.py's programs for this TPU target instead of training ('v5e-4', 'v5p-128',
+  # 'v6e-8', or a chip grid 'v5e:2x2'; README: Before you rent a pod): any machine, no TPU, no
+  # data read; writes <workdir>/compile_report.json, prints the HBM, FLOPs and bytes per chip,
+  # and exits 2 when a program does not fit.
+  config.compile_topology = config_dict.placeholder(str)
+  # 'START,END': a jax.profiler trace of training steps START to END (1-based, both included)
+  # into <workdir>/profile/, for TensorBoard's profile plugin or xprof; every host writes its own.
+  config.profile_steps = config_dict.placeholder(str)
+
   # Cadence.
   config.eval_every_epochs = 1.0
   config.checkpoint_every_steps = 1000

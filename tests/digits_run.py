@@ -23,6 +23,7 @@ def config():
   c.eval_every_epochs = 100.0  # Evaluate at the end only.
   c.checkpoint_every_steps = 2
   c.log_every_steps = 1
+  c.profile_steps = '2,3'  # A two-step jax.profiler trace (resumed runs start past it).
   return c
 
 

@@ -5,6 +5,7 @@ The digits runs share one config, so they reuse one compiled Experiment (passed 
 Interrupt-and-resume is compared bitwise: the same programs on the same inputs on one machine.
 """
 
+import glob
 import json
 import os
 
@@ -60,6 +61,7 @@ def test_digits_default_runs_and_writes_everything(uninterrupted):
   assert {'train/lr', 'train/grad_norm', 'train/param_norm', 'train/update_norm'} <= set(records[0])
   assert any('eval/deploy_top1' in r for r in records)
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
+  assert glob.glob(os.path.join(workdir, 'profile', 'plugins', 'profile', '*', '*.xplane.pb'))
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == [str(TOTAL_STEPS)]
   model, variables = model_io.load_model(os.path.join(workdir, 'deploy'))
   assert model.deploy and 'fc3_bias' in variables['params']['stages_0_0']['repmlp_block']

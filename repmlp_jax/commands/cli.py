@@ -34,6 +34,10 @@ def exit_status(error: BaseException) -> int:
   return EXIT_USAGE if isinstance(error, _USAGE_ERRORS) else EXIT_ERROR
 
 
+class ConfigError(ValueError):
+  """A config that cannot work as given: the user must change its fields (exit EXIT_USAGE)."""
+
+
 def error(prog: str, message: object, *, file: TextIO | None = None) -> None:
   """Prints `prog: error: message` (the errors meant for users say it in one line; a key
   mismatch report keeps its few lines)."""

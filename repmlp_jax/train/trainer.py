@@ -42,7 +42,9 @@ from repmlp_jax.train import sharding
 from repmlp_jax.pytorch import mapping
 from repmlp_jax.train import experiment
 from repmlp_jax.train import metric_writers
+from repmlp_jax.train import profiling
 from repmlp_jax.train import recovery
+from repmlp_jax.tpu import compile_report
 
 # Errors whose message says all a user needs (what is wrong, what to do): train.py prints them as
 # one line instead of a traceback.
@@ -185,7 +187,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   before = _WorkdirSnapshot(workdir)
   workdir = outputs.check_workdir(workdir)  # Before any data is read or anything compiles.
-  checkpoints = writer = stop = bar = finished = None
+  if config.get('compile_topology'):  # Compile for a TPU target and stop; reads no data.
+    return compile_report.compile_for_topology(config, workdir)
+  checkpoints = writer = stop = profiler = bar = finished = None
   started = False  # Whether a step ran (or the run was complete): then nothing is undone.
   try:
     if exp is None:
@@ -198,6 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     checkpoints = checkpointing.Checkpoints(storage.resolve(workdir) / 'checkpoints')
     writer = metric_writers.MetricWriter(workdir, tensorboard=config.get('tensorboard', True))
     stop = checkpointing.StopRequest()
+    profiler = profiling.StepProfiler(config.get('profile_steps'), workdir)
     state = recovery.restore_newest_readable(checkpoints, exp.abstract_state, config,
                                              warn=_print_once)
     _write_config(config, workdir)  # After the check against the config that wrote the workdir.
@@ -214,10 +219,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     eval_metrics, pending, step = None, [], start
     while step < steps.total:
       batch = sharding.global_batch(next(train_iter), exp.batch_sharding)
+      profiler.before_step(step + 1)
       state, measurements = exp.train_step(state, batch)
       started = True
       pending.append(measurements)
       step += 1
+      profiler.after_step(step, (state, measurements))
       evaluate = step % steps.eval_every == 0 or step == steps.total
       stopping = stop.requested or checkpoints.reached_preemption(step)
       save = evaluate or stopping or step % steps.checkpoint_every == 0
@@ -258,7 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     finished = _finished(step, eval_metrics, workdir)
     return {'step': step, **eval_metrics}
   finally:
-    for resource in (stop, bar, checkpoints, writer):
+    for resource in (profiler, stop, bar, checkpoints, writer):
       if resource is not None:
         resource.close()
     if not started:
