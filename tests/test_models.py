@@ -130,3 +130,10 @@ def test_model_spec_round_trip_and_checkpoint(tmp_path):
   assert not (tmp_path / 'other').exists()
   with pytest.raises(FileNotFoundError, match='No model checkpoint'):
     model_io.load_model(tmp_path / 'missing')
+
+
+def test_specs_of_older_checkpoints_with_a_retired_setting_still_load():
+  model = repmlp_jax.create_model(TINY, num_classes=3)
+  spec = models.model_spec(model)
+  spec['settings']['jit_units'] = True  # What checkpoints written before its removal hold.
+  assert models.model_from_spec(spec) == model
