@@ -93,6 +93,24 @@ def conv_params(module: nn.Module, kernel_shape: tuple[int, ...],
   return kernel, module.param('bias', nn.initializers.zeros, kernel_shape[-1:], jnp.float32)
 
 
+class Part(nn.Module, kw_only=True):
+  """What every part of a model is built with, by keyword: its form (training or deploy),
+  compute dtype, matmul precision and, in training, the BatchNorm groups of images."""
+  deploy: bool = False
+  dtype: Dtype = jnp.float32
+  precision: Precision = None
+  bn_groups: int = 1  # Training: BatchNorm statistics per group of images (batch_norm.py).
+
+  def conv_bn(self, *args, **kwargs) -> 'ConvBN':
+    """A ConvBN (arguments as ConvBN's) with this part's settings."""
+    return ConvBN(*args, deploy=self.deploy, dtype=self.dtype, precision=self.precision,
+                  bn_groups=self.bn_groups, **kwargs)
+
+  def norm(self, train: bool, name: str, **kwargs) -> bn_lib.BatchNorm:
+    """A BatchNorm (`batch_norm`) with this part's dtype and groups."""
+    return batch_norm(train, self.dtype, name, groups=self.bn_groups, **kwargs)
+
+
 class PatchConv(nn.Module):
   """A conv whose stride equals its kernel (no padding, no groups), computed as one matmul.
 
@@ -197,7 +215,7 @@ class DepthwiseConv(nn.Module):
     return y if bias is None else y + jnp.tile(bias, blocks).astype(self.dtype)
 
 
-class ConvBN(nn.Module):
+class ConvBN(Part):
   """Conv (no bias) then BatchNorm; in deploy form one conv with bias."""
   features: int
   kernel_size: int
@@ -207,10 +225,6 @@ class ConvBN(nn.Module):
   # Depthwise only (groups == features): x holds several blocks of `features` channels, all
   # convolved with the same filters and normalized with the same statistics.
   shared: bool = False
-  deploy: bool = False
-  dtype: Dtype = jnp.float32
-  precision: Precision = None
-  bn_groups: int = 1  # Training: BatchNorm statistics per group of images (batch_norm.py).
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -219,8 +233,7 @@ class ConvBN(nn.Module):
                                precision=self.precision, features=self.features, name='conv')
       if self.deploy:
         return conv(use_bias=True)(x)
-      return batch_norm(train, self.dtype, name='bn', groups=self.bn_groups,
-                        features=self.features)(conv(use_bias=False)(x))
+      return self.norm(train, 'bn', features=self.features)(conv(use_bias=False)(x))
     if self.kernel_size == self.strides and self.padding == 0 and self.groups == 1:
       conv = functools.partial(PatchConv, self.features, self.kernel_size, dtype=self.dtype,
                                precision=self.precision, name='conv')
@@ -236,7 +249,7 @@ class ConvBN(nn.Module):
     if self.deploy:
       return conv(use_bias=True)(x)
     x = conv(use_bias=False)(x)
-    return batch_norm(train, self.dtype, name='bn', groups=self.bn_groups)(x)
+    return self.norm(train, 'bn')(x)
 
 
 class GlobalPerceptron(nn.Module):
@@ -254,7 +267,7 @@ class GlobalPerceptron(nn.Module):
     return nn.sigmoid(g)  # (N, C)
 
 
-class RepMLPBlock(nn.Module):
+class RepMLPBlock(Part):
   """Global, Partition and Local Perceptrons of RepMLPNet.
 
   fc3 is a grouped FC: shareset s maps the h*w values of each of its rows with its own (h*w, h*w)
@@ -267,10 +280,6 @@ class RepMLPBlock(nn.Module):
   sharesets: int
   reparam_conv_k: Sequence[int] = (1, 3)
   gp_hidden: int | None = None  # Default C // 4, as the official code.
-  deploy: bool = False
-  dtype: Dtype = jnp.float32
-  precision: Precision = None
-  bn_groups: int = 1  # Training: BatchNorm statistics per group of images (batch_norm.py).
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False,
@@ -307,11 +316,10 @@ class RepMLPBlock(nn.Module):
     if self.deploy:
       bias = self.param('fc3_bias', nn.initializers.zeros, (s, h * w), jnp.float32)
       return out + jnp.tile(bias.T.reshape(h, w, s), c // s).astype(self.dtype)
-    out = batch_norm(train, self.dtype, name='fc3_bn', groups=self.bn_groups, features=s)(out)
+    out = self.norm(train, 'fc3_bn', features=s)(out)
     for k in self.reparam_conv_k:
-      out = out + ConvBN(s, k, padding=k // 2, groups=s, shared=True, dtype=self.dtype,
-                         precision=self.precision, bn_groups=self.bn_groups,
-                         name=f'repconv{k}')(x, train=train)
+      out = out + self.conv_bn(s, k, padding=k // 2, groups=s, shared=True,
+                               name=f'repconv{k}')(x, train=train)
     return out
 
   def _windows(self, x: jax.Array, fc3_kernel: jax.Array, train: bool) -> jax.Array:
@@ -332,34 +340,26 @@ class RepMLPBlock(nn.Module):
       return out.reshape(rows.shape)
     # fc3_bn and the conv branches see the rows as (rows, h, w, S) maps.
     maps = rows.reshape(-1, self.h, self.w, s)
-    out = batch_norm(train, self.dtype, name='fc3_bn', groups=self.bn_groups)(
-        out.reshape(maps.shape))
+    out = self.norm(train, 'fc3_bn')(out.reshape(maps.shape))
     for k in self.reparam_conv_k:
-      out = out + ConvBN(s, k, padding=k // 2, groups=s, dtype=self.dtype,
-                         precision=self.precision, bn_groups=self.bn_groups,
-                         name=f'repconv{k}')(maps, train=train)
+      out = out + self.conv_bn(s, k, padding=k // 2, groups=s,
+                               name=f'repconv{k}')(maps, train=train)
     return out.reshape(rows.shape)
 
 
-class FFNBlock(nn.Module):
+class FFNBlock(Part):
   """conv1x1-BN -> GELU (exact erf) -> conv1x1-BN."""
   hidden: int
-  deploy: bool = False
-  dtype: Dtype = jnp.float32
-  precision: Precision = None
-  bn_groups: int = 1  # Training: BatchNorm statistics per group of images (batch_norm.py).
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     channels = x.shape[-1]
-    conv = functools.partial(ConvBN, kernel_size=1, deploy=self.deploy, dtype=self.dtype,
-                             precision=self.precision, bn_groups=self.bn_groups)
-    x = conv(self.hidden, name='ffn_fc1')(x, train=train)
+    x = self.conv_bn(self.hidden, 1, name='ffn_fc1')(x, train=train)
     x = nn.gelu(x, approximate=False)
-    return conv(channels, name='ffn_fc2')(x, train=train)
+    return self.conv_bn(channels, 1, name='ffn_fc2')(x, train=train)
 
 
-class RepMLPNetUnit(nn.Module):
+class RepMLPNetUnit(Part):
   """x + RepMLPBlock(prebn1(x)), then y + FFN(prebn2(y)); deploy: y + FFN(y), prebn2 in fc1."""
   channels: int
   h: int
@@ -368,15 +368,10 @@ class RepMLPNetUnit(nn.Module):
   reparam_conv_k: Sequence[int] = (1, 3)
   gp_hidden: int | None = None
   ffn_expand: int = 4
-  deploy: bool = False
-  dtype: Dtype = jnp.float32
-  precision: Precision = None
-  bn_groups: int = 1  # Training: BatchNorm statistics per group of images (batch_norm.py).
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    norm = functools.partial(batch_norm, train, self.dtype, groups=self.bn_groups)
-    prebn1 = norm(name='prebn1')
+    prebn1 = self.norm(train, 'prebn1')
     y = prebn1(x)
     # In eval mode a BatchNorm is a per-channel affine map, which commutes with the spatial mean:
     # the Global Perceptron pools x itself, so prebn1(x) is never written out whole (XLA fuses it
@@ -387,7 +382,7 @@ class RepMLPNetUnit(nn.Module):
                         precision=self.precision, bn_groups=self.bn_groups,
                         name='repmlp_block')(y, train=train, pooled=pooled)
     # The deploy form folds prebn2 into the FFN's fc1 (a BN before a linear op, no padding).
-    y = x if self.deploy else norm(name='prebn2')(x)
+    y = x if self.deploy else self.norm(train, 'prebn2')(x)
     return x + FFNBlock(self.channels * self.ffn_expand, deploy=self.deploy, dtype=self.dtype,
                         precision=self.precision, bn_groups=self.bn_groups,
                         name='ffn_block')(y, train=train)

@@ -33,7 +33,7 @@ ARCH_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-class PureMLPUnit(nn.Module):
+class PureMLPUnit(layers.Part):
   """RepMLP -> ReLU -> FC (1x1 conv-BN) -> ReLU."""
   out_channels: int
   size: int
@@ -42,10 +42,6 @@ class PureMLPUnit(nn.Module):
   reparam_conv_k: Sequence[int]
   fc1_fc2_reduction: int
   fc3_groups: int
-  deploy: bool = False
-  dtype: Any = jnp.float32
-  precision: Any = None
-  bn_groups: int = 1  # Training: BatchNorm statistics per group of images (batch_norm.py).
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -56,9 +52,7 @@ class PureMLPUnit(nn.Module):
                                  precision=self.precision, bn_groups=self.bn_groups,
                                  name='repmlp')
     x = repmlp(x, train=train)
-    x = layers.ConvBN(self.out_channels, 1, deploy=self.deploy, dtype=self.dtype,
-                      precision=self.precision, bn_groups=self.bn_groups,
-                      name='fc')(nn.relu(x), train=train)
+    x = self.conv_bn(self.out_channels, 1, name='fc')(nn.relu(x), train=train)
     return nn.relu(x)
 
 
@@ -130,8 +124,8 @@ class PureMLPNet(nn.Module):
       for i in range(depth):
         unit = PureMLPUnit(last if i == depth - 1 else c, self.image_size // 2**s, self.h, self.w,
                            tuple(self.reparam_conv_k), self.fc1_fc2_reduction, self.fc3_groups,
-                           self.deploy, self.dtype, self.precision, groups,
-                           name=f'stage{s}_{i}')
+                           deploy=self.deploy, dtype=self.dtype, precision=self.precision,
+                           bn_groups=groups, name=f'stage{s}_{i}')
         x = unit(x, train=train)
       features[f'stage_{s}'] = x
     pooled = jnp.mean(x, axis=(1, 2))

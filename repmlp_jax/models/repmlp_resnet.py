@@ -12,7 +12,6 @@ the training resolution, so a model with RepMLP blocks takes exactly `image_size
 RepMLP three FCs, as the official deploy form.
 """
 
-import functools
 from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -73,19 +72,14 @@ def block_specs(model: 'RepMLPResNet') -> list[BlockSpec]:
   return specs
 
 
-class ResNetBlock(nn.Module):
+class ResNetBlock(layers.Part):
   """The ResNet-50 bottleneck: 1x1 -> 3x3 (stride) -> 1x1, + shortcut, ReLU."""
   spec: BlockSpec
-  deploy: bool = False
-  dtype: Any = jnp.float32
-  precision: Any = None
-  bn_groups: int = 1  # Training: BatchNorm statistics per group of images (batch_norm.py).
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     s, mid = self.spec, self.spec.out_channels // 4
-    conv = functools.partial(layers.ConvBN, deploy=self.deploy, dtype=self.dtype,
-                             precision=self.precision, bn_groups=self.bn_groups)
+    conv = self.conv_bn
     shortcut = x
     if s.stride != 1 or s.in_channels != s.out_channels:
       shortcut = conv(s.out_channels, 1, strides=s.stride, name='shortcut')(x, train=train)
@@ -95,23 +89,18 @@ class ResNetBlock(nn.Module):
     return nn.relu(y + shortcut)
 
 
-class RepMLPResBlock(nn.Module):
+class RepMLPResBlock(layers.Part):
   """RepMLP Light or Bottleneck block (stride 1), + shortcut, ReLU."""
   spec: BlockSpec
   h: int
   w: int
   reparam_conv_k: Sequence[int]
   fc1_fc2_reduction: int
-  deploy: bool = False
-  dtype: Any = jnp.float32
-  precision: Any = None
-  bn_groups: int = 1  # Training: BatchNorm statistics per group of images (batch_norm.py).
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     s = self.spec
-    conv = functools.partial(layers.ConvBN, deploy=self.deploy, dtype=self.dtype,
-                             precision=self.precision, bn_groups=self.bn_groups)
+    conv = self.conv_bn
     repmlp = lambda c, name: repmlp_block.RepMLP(  # pylint: disable=unnecessary-lambda-assignment
         c, c, s.size, s.size, self.h, self.w, tuple(self.reparam_conv_k), self.fc1_fc2_reduction,
         s.groups, deploy=self.deploy, dtype=self.dtype, precision=self.precision,
@@ -217,12 +206,12 @@ class RepMLPResNet(nn.Module):
     features = {}
     for spec in block_specs(self):
       if spec.kind == 'base':
-        block = ResNetBlock(spec, self.deploy, self.dtype, self.precision, groups,
-                            name=spec.name)
+        block = ResNetBlock(spec, deploy=self.deploy, dtype=self.dtype,
+                            precision=self.precision, bn_groups=groups, name=spec.name)
       else:
         block = RepMLPResBlock(spec, self.h, self.w, tuple(self.reparam_conv_k),
-                               self.fc1_fc2_reduction, self.deploy, self.dtype, self.precision,
-                               groups, name=spec.name)
+                               self.fc1_fc2_reduction, deploy=self.deploy, dtype=self.dtype,
+                               precision=self.precision, bn_groups=groups, name=spec.name)
       x = block(x, train=train)
       features[f'stage_{spec.stage - 1}'] = x  # The last block of each stage stays.
     pooled = jnp.mean(x, axis=(1, 2))
