@@ -21,6 +21,7 @@ image 1, ...): every model of the package feeds its BatchNorms that way, also wh
 axis holds windows or partition rows rather than images.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -69,7 +70,7 @@ class BatchNorm(nn.Module):
     scale = self.param('scale', nn.initializers.ones, features, jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, features, jnp.float32)
     dtype = self.dtype or x.dtype
-    tile = lambda v: jnp.tile(v, blocks) if blocks > 1 else v  # pylint: disable=unnecessary-lambda-assignment
+    tile = functools.partial(jnp.tile, reps=blocks)  # Per feature -> per channel of x.
     if self.use_running_average:
       return _normalize(x, tile(ra_mean.value), tile(ra_var.value), tile(scale), tile(bias),
                         self.epsilon, dtype)
@@ -88,9 +89,9 @@ class BatchNorm(nn.Module):
     # merged them would be a copy of the whole map).
     grouped = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
     mean, var = _statistics(grouped, blocks)
-    broadcast = lambda v: tile(v).reshape(groups, *(1,) * (x.ndim - 1), -1)  # pylint: disable=unnecessary-lambda-assignment
-    y = _normalize(grouped, broadcast(mean), broadcast(var), tile(scale), tile(bias),
-                   self.epsilon, dtype)
+    per_group = (groups, *(1,) * (x.ndim - 1), x.shape[-1])  # Broadcasts over each group.
+    y = _normalize(grouped, tile(mean).reshape(per_group), tile(var).reshape(per_group),
+                   tile(scale), tile(bias), self.epsilon, dtype)
     if not self.is_initializing():
       m = self.momentum
       mean, var = jax.lax.stop_gradient((mean, var))

@@ -229,6 +229,9 @@ class ConvBN(Part):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     if self.shared:
+      if (self.groups, self.strides, self.padding) != (self.features, 1, self.kernel_size // 2):
+        raise ValueError(f'ConvBN {self.name}: shared=True is for depthwise convs (groups == '
+                         'features), stride 1, padding kernel_size // 2.')
       conv = functools.partial(DepthwiseConv, self.kernel_size, dtype=self.dtype,
                                precision=self.precision, features=self.features, name='conv')
       if self.deploy:
@@ -336,7 +339,8 @@ class RepMLPBlock(Part):
     else:
       out = jnp.einsum('nijrps,spq->nijrqs', flat, fc3_kernel, precision=self.precision)
     if self.deploy:
-      out = out + self.param('fc3_bias', nn.initializers.zeros, (s, hw), jnp.float32).T.astype(self.dtype)
+      bias = self.param('fc3_bias', nn.initializers.zeros, (s, hw), jnp.float32)
+      out = out + bias.T.astype(self.dtype)
       return out.reshape(rows.shape)
     # fc3_bn and the conv branches see the rows as (rows, h, w, S) maps.
     maps = rows.reshape(-1, self.h, self.w, s)

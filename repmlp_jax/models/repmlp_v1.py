@@ -97,7 +97,8 @@ class RepMLP(layers.Part):
     n, hp, wp, hw = x.shape[0], self.H // h, self.W // w, h * w
     x = x.reshape(n, hp, h, wp, w, c)
     if self.has_global_perceptron:
-      pooled = AvgPoolBN(deploy=self.deploy, dtype=self.dtype, bn_groups=self.bn_groups, name='avg')(x, train=train)  # (N, hp, wp, C)
+      pooled = AvgPoolBN(deploy=self.deploy, dtype=self.dtype, bn_groups=self.bn_groups,
+                         name='avg')(x, train=train)  # (N, hp, wp, C)
       # Flattened channel-major (c, i, j) as the official code, so fc1/fc2 import by transposing.
       v = pooled.transpose(0, 3, 1, 2).reshape(n, c * hp * wp)
       v = FC1FC2(c * hp * wp // self.fc1_fc2_reduction, self.dtype, self.precision,
