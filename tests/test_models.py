@@ -129,5 +129,12 @@ def test_model_spec_round_trip_and_checkpoint(tmp_path):
   with pytest.raises(ValueError, match='do not belong'):
     model_io.save_model(tmp_path / 'other', model.clone(deploy=True), variables)
   assert not (tmp_path / 'other').exists()
-  with pytest.raises(FileNotFoundError, match='No model checkpoint'):
+  with pytest.raises(FileNotFoundError, match='No model at'):
     model_io.load_model(tmp_path / 'missing')
+
+
+def test_specs_of_older_checkpoints_with_a_retired_setting_still_load():
+  model = repmlp_jax.create_model(TINY, num_classes=3)
+  spec = factory.model_spec(model)
+  spec['settings']['jit_units'] = True  # What checkpoints written before its removal hold.
+  assert factory.model_from_spec(spec) == model

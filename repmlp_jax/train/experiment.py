@@ -183,10 +183,9 @@ class Experiment:
                       targets: jax.Array):
     def loss_fn(params):
       # BatchNorm groups of bn_group_size images (the authors' per-GPU BatchNorm), per forward.
-      with batch_norm.grouped_statistics(images.shape[0], self.config.bn_group_size):
-        logits, updates = self.model.apply(
-            {'params': params, 'batch_stats': batch_stats}, images, train=True,
-            mutable=['batch_stats'])
+      logits, updates = self.model.apply(
+          {'params': params, 'batch_stats': batch_stats}, images, train=True,
+          bn_group_size=self.config.bn_group_size, mutable=['batch_stats'])
       # At least float32 (float64 kept: the step is compared with PyTorch's in float64).
       logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
       loss = optax.softmax_cross_entropy(logits, targets).mean()
