@@ -10,10 +10,12 @@ per chip on every generation (v4 and v5p run their two cores as one, "megacore")
 those devices compile with the TPU compiler itself.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
 import re
+from typing import Iterator
 
 import jax
 
@@ -129,25 +131,46 @@ def devices(target: Target) -> list:
   except ImportError as e:
     raise MissingLibtpu("compiling for a TPU topology needs libtpu: pip install -e '.[tpu]' "
                         "(the 'tpu' extra).") from e
-  # No TPU VM around: no metadata server to ask, and libtpu would warn at length about the
-  # host it cannot identify; this process stands for one stand-alone host (any single-host
-  # type does: the target's topology is given below). Another process (a training run on this
-  # TPU VM, another compile) may hold libtpu's lock: a compile without a TPU does not need it.
-  for variable, value in (('TPU_SKIP_MDS_QUERY', '1'), ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1'),
-                          ('TPU_WORKER_HOSTNAMES', 'localhost'),
-                          ('TPU_ACCELERATOR_TYPE', 'v5litepod-4'),
-                          ('TPU_STDERR_LOG_LEVEL', '3'), ('TPU_MIN_LOG_LEVEL', '3')):
-    os.environ.setdefault(variable, value)
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   options = {}
   if target.chip.grid_dims == 3:
     options['chip_config_name'] = 'megacore'
   if target.chips == 1:  # libtpu's default host is 2x2 chips; a single chip is its own host.
     options['chips_per_host_bounds'] = (1, 1, 1)
-  try:
-    description = topologies.get_topology_desc(
-        platform='tpu', topology_name=target.topology_name, **options)
-  except jax.errors.JaxRuntimeError as e:
-    raise UnknownTopology(f'libtpu has no topology {target.topology_name} ({target.name}): '
-                          f'{str(e).strip().splitlines()[0]}; known forms: {KNOWN_FORMS}.') from e
+  with _standalone_host():
+    try:
+      description = topologies.get_topology_desc(
+          platform='tpu', topology_name=target.topology_name, **options)
+    except jax.errors.JaxRuntimeError as e:
+      raise UnknownTopology(f'libtpu has no topology {target.topology_name} ({target.name}): '
+                            f'{str(e).strip().splitlines()[0]}; known forms: {KNOWN_FORMS}.') from e
   return list(description.devices)
+
+
+# No TPU VM around: no metadata server to ask, and libtpu would warn at length about the host it
+# cannot identify; this process stands for one stand-alone host (any single-host type does: the
+# target's topology is given to get_topology_desc). Another process (a training run on this TPU
+# VM, another compile) may hold libtpu's lock: a compile without a TPU does not need it.
+_STANDALONE_HOST = (('TPU_SKIP_MDS_QUERY', '1'), ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1'),
+                    ('TPU_WORKER_HOSTNAMES', 'localhost'), ('TPU_ACCELERATOR_TYPE', 'v5litepod-4'),
+                    ('TPU_STDERR_LOG_LEVEL', '3'), ('TPU_MIN_LOG_LEVEL', '3'))
+
+
+@contextlib.contextmanager
+def _standalone_host() -> Iterator[None]:
+  """libtpu's settings for a stand-alone host while it loads, then the environment as it was.
+
+  They must not reach the processes this one starts later (train.py, convert.py in the tests):
+  with ALLOW_MULTIPLE_LIBTPU_LOAD set, a plain CPU process loads libtpu and prints its warnings.
+  """
+  saved = {name: os.environ.get(name) for name, _ in _STANDALONE_HOST}
+  for name, value in _STANDALONE_HOST:
+    os.environ.setdefault(name, value)
+  try:
+    yield
+  finally:
+    for name, value in saved.items():
+      if value is None:
+        os.environ.pop(name, None)
+      else:
+        os.environ[name] = value
