@@ -92,7 +92,10 @@ def check_workdir(workdir: str | os.PathLike) -> str:
   except storage.StorageError:
     raise
   except OSError as e:
-    raise WriteError(f'Cannot write to the workdir {path} ({_reason(e)}); choose another '
+    reason = _reason(e)
+    if storage.is_remote(path) and isinstance(e, FileNotFoundError):
+      reason = f'there is no bucket {os.fspath(path).split("/")[2]}'  # gcsfs names a URL.
+    raise WriteError(f'Cannot write to the workdir {path} ({reason}); choose another '
                      '--workdir or fix its permissions.', e.errno) from None
   return os.fspath(path)
 

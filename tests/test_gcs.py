@@ -240,5 +240,7 @@ def test_convert_and_predict_with_bucket_paths(emulator, tmp_path):
   assert seen['missing'] == 'No pretrained directory at gs://bucket/convert/nowhere.'
   assert seen['listing'] == ['back.pth', 'hub', 'model.bin', 'model.onnx']
   # A workdir in a bucket that does not exist: one line, and no bucket created on the way.
-  assert seen['no_bucket'].startswith('Cannot write to the workdir gs://no-such-bucket/run (')
-  assert '\n' not in seen['no_bucket'] and seen['buckets'] == ['bucket']
+  assert seen['no_bucket'] == ('Cannot write to the workdir gs://no-such-bucket/run (there is no '
+                               'bucket no-such-bucket); choose another --workdir or fix its '
+                               'permissions.')
+  assert [b.rstrip('/') for b in seen['buckets']] == ['bucket']
