@@ -170,6 +170,9 @@ def test_detection_errors():
   gapped = {k: v for k, v in sd.items() if not k.startswith('stages.2.0.')}
   with pytest.raises(keys.DetectionError, match='missing'):
     keys.detect(gapped)
+  no_stage_1 = {k: v for k, v in sd.items() if not k.startswith('stages.1.')}
+  with pytest.raises(keys.DetectionError, match=r'stages: stage indices \[0, 2'):
+    keys.detect(no_stage_1)
 
 
 def test_b224_golden(tmp_path):
