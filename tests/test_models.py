@@ -42,7 +42,8 @@ def test_available_models_lists_every_official_variant():
   assert sorted(repmlp_jax.available_models()) == sorted([*OFFICIAL_PARAMS, *V1_MODELS])
 
 
-@pytest.mark.parametrize('alias', ['b224', 'B224', 'RepMLPNet-B224', 'repmlpnet_b224', 'RepMLPNetB224'])
+@pytest.mark.parametrize('alias', ['b224', 'B224', 'RepMLPNet-B224', 'repmlpnet_b224',
+                                   'RepMLPNetB224'])
 def test_aliases_resolve_case_insensitively(alias):
   assert repmlp_jax.resolve_name(alias) == 'RepMLPNet-B224'
 
@@ -94,7 +95,8 @@ def test_wrong_input_size_names_the_sizes_that_work(shape):
 
 def test_inconsistent_settings_are_refused():
   model = repmlp_jax.create_model('b224', channels=(8, 16, 32, 64))
-  with pytest.raises(ValueError, match=r'Stage 3: channels \(64\) must be a multiple of sharesets \(128\)'):
+  with pytest.raises(ValueError, match=r'Stage 3: channels \(64\) must be a multiple of '
+                                       r'sharesets \(128\)'):
     model_io.abstract_variables(model)
 
 

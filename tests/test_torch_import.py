@@ -155,6 +155,10 @@ def test_detection_errors():
   sd = {k: v.numpy() for k, v in tc.tiny_torch_model().state_dict().items()}
   with pytest.raises(keys.DetectionError, match='Not a RepMLPNet'):
     keys.detect({'fc.weight': np.zeros((2, 2))})
+  other = {f'fc{i}.weight': np.zeros(1) for i in range(6)}  # The message names the first five.
+  with pytest.raises(keys.DetectionError, match=r'begin with: fc0\.weight, fc1\.weight, '
+                     r'fc2\.weight, fc3\.weight, fc4\.weight\. Pass'):
+    keys.detect(other)
   mixed = dict(sd)
   mixed['stages.2.1.repmlp_block.fc3.bias'] = np.zeros(4 * 4, np.float32)
   with pytest.raises(keys.DetectionError, match='mix'):
@@ -166,6 +170,9 @@ def test_detection_errors():
   gapped = {k: v for k, v in sd.items() if not k.startswith('stages.2.0.')}
   with pytest.raises(keys.DetectionError, match='missing'):
     keys.detect(gapped)
+  no_stage_1 = {k: v for k, v in sd.items() if not k.startswith('stages.1.')}
+  with pytest.raises(keys.DetectionError, match=r'stages: stage indices \[0, 2'):
+    keys.detect(no_stage_1)
 
 
 def test_b224_golden(tmp_path):
