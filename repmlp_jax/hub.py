@@ -24,7 +24,7 @@ from repmlp_jax import model_io
 from repmlp_jax import outputs
 from repmlp_jax import storage
 from repmlp_jax.data import imagenet
-from repmlp_jax.models import factory as models
+from repmlp_jax.models import factory
 from repmlp_jax.pytorch import mapping
 
 WEIGHTS_NAME = 'model.safetensors'
@@ -118,8 +118,8 @@ def preprocessing(model: nn.Module, *, image_size: int | None = None, crop_ratio
 
 def official_name(model: nn.Module) -> str | None:
   """The variant `model` is (any num_classes and form), or None for custom settings."""
-  for name in models.available_models(include_private=True):
-    if models.create_model(name, num_classes=model.num_classes, deploy=model.deploy,
+  for name in factory.available_models(include_private=True):
+    if factory.create_model(name, num_classes=model.num_classes, deploy=model.deploy,
                            dtype=model.dtype, precision=model.precision) == model:
       return name
   return None
@@ -131,7 +131,7 @@ def pretrained_config(model: nn.Module, **preprocess: Any) -> dict[str, Any]:
           'architecture': official_name(model),
           'form': 'deploy' if model.deploy else 'training',
           'num_classes': int(model.num_classes),
-          'model': models.model_spec(model),
+          'model': factory.model_spec(model),
           'preprocessing': preprocessing(model, **preprocess)}
 
 
@@ -242,7 +242,7 @@ def model_from_config(config: Mapping[str, Any], source: str = 'config.json') ->
   if not isinstance(spec, Mapping) or 'settings' not in spec:
     raise PretrainedError(f'{source} has no model settings ("model": {{"class", "settings"}}).')
   try:
-    model = models.model_from_spec(spec)
+    model = factory.model_from_spec(spec)
   except (TypeError, KeyError, AttributeError) as e:
     raise PretrainedError(f'{source} holds settings {spec.get("class")} does not take: {e}') from e
   except ValueError as e:

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 
 from repmlp_jax import outputs
 from repmlp_jax import storage
-from repmlp_jax.models import factory as models
+from repmlp_jax.models import factory
 
 
 def save_model(path: str | os.PathLike, model: nn.Module, variables: Any, *,
@@ -50,7 +50,7 @@ def save_model(path: str | os.PathLike, model: nn.Module, variables: Any, *,
   with (outputs.writing(path), storage.reaching(path),
         ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer):
     checkpointer.save(target, args=ocp.args.Composite(
-        model=ocp.args.JsonSave(models.model_spec(model)),
+        model=ocp.args.JsonSave(factory.model_spec(model)),
         variables=ocp.args.StandardSave(variables)), force=overwrite)
   return path
 
@@ -166,7 +166,7 @@ def _load_saved(path: str, sharding: jax.sharding.Sharding | None) -> tuple[nn.M
     except (FileNotFoundError, ValueError, KeyError):
       raise ValueError(f'{path} is not a model directory of this package (it holds no model '
                        f'settings); give {WHAT_IS_READ}.') from None
-    model = models.model_from_spec(spec['model'])
+    model = factory.model_from_spec(spec['model'])
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                             abstract_variables(model))
@@ -177,7 +177,7 @@ def _load_saved(path: str, sharding: jax.sharding.Sharding | None) -> tuple[nn.M
 
 def abstract_variables(model: nn.Module) -> Any:
   """Shapes and dtypes of `model`'s variables, without computing anything (see models.factory)."""
-  return models.abstract_variables(model)
+  return factory.abstract_variables(model)
 
 
 def _check_variables(model: nn.Module, variables: Any) -> None:
