@@ -12,19 +12,42 @@ Examples:
   python convert.py reparam RepMLPNet-B224-train-acc80.32.pth ckpt/b224_deploy
   # Back to PyTorch (training form: the authors' layout; deploy form: their deploy model's):
   python convert.py export ckpt/b224 b224_from_jax.pth
+  python convert.py export ckpt/b224 b224_mm.safetensors --layout mmpretrain
+  # A train.py run (its latest checkpoint; --step N, --ema for its EMA weights):
+  python convert.py export /tmp/repmlp-digits digits.pth
+  python convert.py reparam /tmp/repmlp-digits digits_deploy --step 600
   # Weights in the Hugging Face hub layout (model.safetensors + config.json), from_pretrained's:
   python convert.py import RepMLPNet-B224-train-acc80.32.pth hub/b224 --format safetensors
   python convert.py export ckpt/b224 hub/b224 --format safetensors
   # ONNX of the deploy form (dynamic batch), checked against JAX with onnxruntime:
   python convert.py onnx ckpt/b224 b224.onnx --check
+
+Every command but import reads any of: a model directory (import, reparam, train.py's deploy/),
+a hub directory, a PyTorch .pth / .safetensors file, a train.py workdir or checkpoints/<step>.
+Errors are one line on stderr; exit statuses: README, "The commands".
 """
 
 import argparse
 import sys
 
+from repmlp_jax.commands import cli
 from repmlp_jax.commands import compilation_cache
 from repmlp_jax.commands import convert as convert_lib
 from repmlp_jax.pytorch import mapping
+
+
+SOURCE_HELP = ('a model directory of this package (orbax or hub layout), a PyTorch .pth / '
+               '.safetensors file, or a train.py workdir or its checkpoints/<step>')
+
+
+def _source_options(parser: argparse.ArgumentParser) -> None:
+  """The options of every command that reads a model (model_io.read_model's)."""
+  parser.add_argument('--model', help='variant of a PyTorch file (default: detected)')
+  parser.add_argument('--ema', action='store_true',
+                      help='the EMA weights of a PyTorch training checkpoint or a train.py run')
+  parser.add_argument('--step', type=int,
+                      help='which checkpoint of a train.py workdir (default: the latest)')
+  parser.add_argument('--verbose', action='store_true', help='on a key mismatch, list every key')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,16 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
   imp.add_argument('--verbose', action='store_true', help='on a key mismatch, list every key')
 
   rep = commands.add_parser('reparam', help='training form -> deploy-form orbax checkpoint.')
-  rep.add_argument('src', help='an orbax checkpoint directory of this package, or a .pth file')
+  rep.add_argument('src', help=SOURCE_HELP)
   rep.add_argument('out_dir', help='deploy-form checkpoint directory to create')
-  rep.add_argument('--model', help='variant of a .pth file (default: detected)')
-  rep.add_argument('--ema', action='store_true', help="use a .pth file's EMA weights")
+  _source_options(rep)
   rep.add_argument('--overwrite', action='store_true', help='replace an existing output directory')
-  rep.add_argument('--verbose', action='store_true', help='on a key mismatch, list every key')
 
-  exp = commands.add_parser('export', help='orbax checkpoint directory -> PyTorch .pth.')
-  exp.add_argument('src_dir', help='a checkpoint directory of this package (either form)')
-  exp.add_argument('out_file', help='the .pth file to create (never overwritten)')
+  exp = commands.add_parser('export', help='any model -> PyTorch .pth / .safetensors, or hub '
+                            'directory.')
+  exp.add_argument('src', help=SOURCE_HELP)
+  exp.add_argument('out_file', help='the .pth or .safetensors state_dict to create (never '
+                   'overwritten)')
+  _source_options(exp)
   exp.add_argument('--layout', choices=('official', 'mmpretrain'), default='official',
                    help="key names: the authors' (default) or mmpretrain's")
   exp.add_argument('--format', choices=('pth', 'safetensors'), default='pth',
@@ -68,11 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
   exp.add_argument('--crop-ratio', type=float, default=1.0,
                    help="evaluation crop ratio for a hub directory's config.json (default 1.0)")
 
-  onx = commands.add_parser('onnx', help='any checkpoint -> ONNX file of the deploy form.')
-  onx.add_argument('src', help='orbax or hub directory of this package, or a .pth / .safetensors')
+  onx = commands.add_parser('onnx', help='any model -> ONNX file of the deploy form.')
+  onx.add_argument('src', help=SOURCE_HELP)
   onx.add_argument('out_file', help='the .onnx file to create (never overwritten)')
-  onx.add_argument('--model', help='variant of a PyTorch file (default: detected)')
-  onx.add_argument('--ema', action='store_true', help="use a PyTorch file's EMA weights")
+  _source_options(onx)
   onx.add_argument('--nchw', action='store_true', help='take (N, 3, H, W) images, not (N, H, W, 3)')
   onx.add_argument('--image-size', type=int, help='input side (default: the training resolution)')
   onx.add_argument('--check', action='store_true',
@@ -82,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
+  cli.hide_orbax_logs()  # A failed write is said in one line, without orbax's tracebacks.
   try:
     lines = run(args)
   except (ValueError, OSError, ImportError) as e:  # Bad input: say what and why, no traceback.
@@ -90,10 +114,10 @@ def main(argv=None) -> int:
       message = e.describe(verbose=getattr(args, 'verbose', False))
       if e.truncated and not getattr(args, 'verbose', False):
         message += ' --verbose lists every key.'
-    print(f'convert.py {args.command}: error: {message}', file=sys.stderr)
-    return 1
+    cli.error(f'convert.py {args.command}', message)
+    return cli.exit_status(e)
   print('\n'.join(lines))
-  return 0
+  return cli.EXIT_OK
 
 
 def run(args: argparse.Namespace) -> list[str]:
@@ -103,16 +127,17 @@ def run(args: argparse.Namespace) -> list[str]:
         args.src, args.out_dir, name=args.model, deploy=args.deploy, use_ema=args.ema,
         reparam_dir=args.reparam, overwrite=args.overwrite, format=args.format,
         crop_ratio=args.crop_ratio)
-  elif args.command == 'reparam':
-    return convert_lib.reparam_checkpoint(args.src, args.out_dir, name=args.model,
-                                          use_ema=args.ema, overwrite=args.overwrite)
+  source = {'name': args.model, 'use_ema': args.ema, 'step': args.step}
+  if args.command == 'reparam':
+    return convert_lib.reparam_checkpoint(args.src, args.out_dir, overwrite=args.overwrite,
+                                          **source)
   elif args.command == 'onnx':
-    return convert_lib.onnx_checkpoint(args.src, args.out_file, name=args.model, use_ema=args.ema,
-                                       nchw=args.nchw, image_size=args.image_size,
-                                       check=args.check)
+    return convert_lib.onnx_checkpoint(args.src, args.out_file, nchw=args.nchw,
+                                       image_size=args.image_size, check=args.check, **source)
   if args.format == 'safetensors':
-    return convert_lib.export_pretrained(args.src_dir, args.out_file, crop_ratio=args.crop_ratio)
-  return convert_lib.export_checkpoint(args.src_dir, args.out_file, layout=args.layout)
+    return convert_lib.export_pretrained(args.src, args.out_file, crop_ratio=args.crop_ratio,
+                                         **source)
+  return convert_lib.export_checkpoint(args.src, args.out_file, layout=args.layout, **source)
 
 
 if __name__ == '__main__':

@@ -1,9 +1,11 @@
-"""Trains a RepMLPNet: `python train.py --config configs/<experiment>.py --workdir DIR`.
+"""Trains a RepMLPNet: `python train.py --config <experiment> --workdir DIR`.
 
-The embedded default (no download; 48 s on 2 quiet CPU cores, 1 to 2 minutes under load):
+The experiment is a name in configs/ (`--config imagenet_b224`) or a config file
+(`--config configs/imagenet_b224.py`, `--config my_config.py:<argument for get_config>`).
+The embedded default (no download; its time on 2 CPU cores is in the README, Training):
 
     pip install -e '.[data]'
-    python train.py --config configs/digits.py --workdir /tmp/repmlp-digits
+    python train.py --config digits --workdir /tmp/repmlp-digits
 
 Any config field can be overridden: `--config.global_batch_size=1024 --config.num_epochs=300`.
 
@@ -17,8 +19,7 @@ ImageNet end to end
 
 2. One host (every local GPU / TPU core; the batch is global and split over the devices):
 
-       python train.py --config configs/imagenet_b224.py --workdir <WORKDIR> \\
-           --config.data_dir=<DATA>
+       python train.py --config imagenet_b224 --workdir <WORKDIR> --config.data_dir=<DATA>
 
    Variants: imagenet_t224, imagenet_b224, imagenet_t256, imagenet_b256, imagenet_d256,
    imagenet_l256. The learning rate scales with --config.global_batch_size / 256.
@@ -45,31 +46,42 @@ ImageNet end to end
    is moved to <WORKDIR>/damaged_checkpoints and the newest readable one is used; a config of
    another model on an old workdir, a full disk or an unwritable workdir stops with one line.
 
-Exit statuses: 0 done; 1 an error (one line on stderr; any --verbosity shows the traceback);
-2 bad flags or config (one line, before jax and TensorFlow load); 75 stopped on request after
-saving a checkpoint (repmlp_jax/commands/cli.py).
+Errors are one line on stderr (flags and config are checked before jax and TensorFlow load);
+any --verbosity shows the traceback and the libraries' logs. A start that fails before its first
+step leaves the workdir as it was (and no workdir if it created it). Exit statuses: README, "The
+commands".
 
 5. Results: eval top-1/top-5 of the training form and of the re-parameterized deploy form at every
    evaluation (metrics.jsonl, TensorBoard in <WORKDIR>/tensorboard); the final deploy model in
    <WORKDIR>/deploy (repmlp_jax.model_io.load_model); the best training state is kept next to the
-   last one in <WORKDIR>/checkpoints.
+   last one in <WORKDIR>/checkpoints. The last line says the final accuracies and where these are.
+   The training form exports like any checkpoint: `python convert.py export <WORKDIR> out.pth`
+   (--step N, --ema; also reparam, onnx, predict.py --checkpoint <WORKDIR>).
 
 Fine-tuning from an imported checkpoint: configs/finetune_b224.py.
 """
 
 import difflib
-import glob
 import os
-import re
+import runpy
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+from ml_collections import config_dict
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CONFIGS = os.path.join(ROOT, 'configs')
+# The exit statuses, from the one module that defines them, read without importing the package
+# (which would load jax before the flags are checked).
+_CLI = runpy.run_path(os.path.join(ROOT, 'repmlp_jax', 'commands', 'cli.py'))
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config: a name in configs/ (imagenet_b224), a file '
+    '(configs/imagenet_b224.py, my_config.py), either with :<argument> for its get_config.',
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, logs and the deploy model go here.')
 _MULTIHOST = flags.DEFINE_bool('multihost', False,
                                'Call jax.distributed.initialize() (several hosts).')
@@ -79,34 +91,94 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processe
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-EXIT_USAGE = 2  # repmlp_jax.commands.cli.EXIT_USAGE; importing repmlp_jax would load jax before parsing.
 _HELP = {'-h': True, '--help': True, '-?': True, '--helpshort': True, '--helpfull': False}
 
 
-def _usage_error(message: str) -> None:
-  print(f'train.py: error: {message}', file=sys.stderr)
-  sys.exit(EXIT_USAGE)
+class UsageError(Exception):
+  """A command-line mistake, said in one line before anything heavy loads."""
 
 
-def _nearest(name: str, choices) -> str:
-  close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-  return f'; did you mean {close[0]}?' if close else ''
+def known_configs() -> list[str]:
+  """The names --config takes alone: the experiment files in configs/."""
+  return sorted(name[:-3] for name in os.listdir(CONFIGS)
+                if name.endswith('.py') and name not in ('__init__.py', 'common.py'))
 
 
-def _unknown_field(argv: list[str], error: BaseException) -> str | None:
-  """One line for an override of a field the config does not have (config_flags' AttributeError).
+def _nearest(name: str, choices, n: int = 1, cutoff: float = 0.5) -> list[str]:
+  return difflib.get_close_matches(name, list(choices), n=n, cutoff=cutoff)
 
-  ml_collections puts the field and its nearest valid name in the message, escaped; the
-  command line tells the full dotted path.
+
+def resolve_config(value: str) -> str:
+  """--config's value as a file path (with its :argument): a path, or a name in configs/.
+
+  `imagenet_b224`, `imagenet_b224.py` and `imagenet_b224:arg` name configs/imagenet_b224.py
+  when no such file exists where the command runs; a relative path is also looked for next to
+  train.py (`configs/digits.py` from any directory).
   """
-  found = re.search(r'Did you mean "(.+?)" instead of "(.+?)"', str(error).replace('\\', ''))
-  name = found.group(2) if found else str(error).strip('\'"')
-  dotted = next((a[len('--config.'):].split('=', 1)[0] for a in argv
-                 if a.startswith('--config.') and a.split('=', 1)[0].endswith(name)), None)
-  if dotted is None:
-    return None  # Not an override: the config file itself failed.
-  hint = f'; did you mean {dotted[:-len(name)]}{found.group(1)}?' if found else ''
-  return f'unknown config field {dotted} (--config.{dotted}){hint}'
+  path, colon, argument = value.partition(':')
+  if os.path.isfile(path):
+    return value
+  if not os.path.isabs(path) and os.path.isfile(os.path.join(ROOT, path)):
+    return os.path.join(ROOT, path) + colon + argument  # configs/x.py from another directory.
+  if path and os.sep not in path and (os.altsep is None or os.altsep not in path):
+    name = path[:-3] if path.endswith('.py') else path
+    if name in known_configs():
+      return os.path.join(CONFIGS, name + '.py') + colon + argument
+    close = _nearest(name, known_configs(), n=3)
+    nearest = (f'nearest known configs: {", ".join(close)}' if close else
+               f'known configs: {", ".join(known_configs())}')
+    raise UsageError(f'no config file at {path} and no config named {name} in {CONFIGS} '
+                     f'(--config); {nearest}.')
+  folder = os.path.dirname(path)
+  if not os.path.isdir(folder) and os.path.isdir(os.path.join(ROOT, folder)):
+    folder = os.path.join(ROOT, folder)
+  known = ([os.path.join(os.path.dirname(path), f) for f in os.listdir(folder)
+            if f.endswith('.py')] if os.path.isdir(folder) else [])
+  close = _nearest(path, known, cutoff=0.75)
+  example = f'did you mean {close[0]}?' if close else 'e.g. --config imagenet_b224'
+  raise UsageError(f'no config file at {path} (--config); {example}')
+
+
+def load_config(value: str) -> config_dict.ConfigDict:
+  """Runs the config file's get_config (with the :argument, if any); one line if it fails."""
+  path, colon, argument = value.partition(':')
+  try:
+    config = runpy.run_path(path)['get_config'](*([argument] if colon else []))
+  except Exception as e:  # pylint: disable=broad-except  (any error of the user's file)
+    where = f' (line {e.lineno})' if isinstance(e, SyntaxError) else ''
+    message = str(e).strip().splitlines()[0] if str(e).strip() else ''
+    raise UsageError(f'cannot load the config {path}{where}: {type(e).__name__}: '
+                     f'{message}') from None
+  if not isinstance(config, config_dict.ConfigDict):
+    raise UsageError(f'{path}: get_config() returned {type(config).__name__}, not a ConfigDict.')
+  return config
+
+
+def check_overrides(argv: list[str], config: config_dict.ConfigDict) -> None:
+  """Refuses an override of a field the config lacks, naming the nearest field that exists."""
+  for arg in argv:
+    if not arg.startswith(('--config.', '--noconfig.')):
+      continue
+    dotted = arg.split('.', 1)[1].split('=', 1)[0]
+    node, parents = config, []
+    for part in dotted.split('.'):
+      if not isinstance(node, config_dict.ConfigDict):
+        break  # A value's own structure: ml_collections' parser decides.
+      if part not in node:
+        close = _nearest(part, node.keys())
+        hint = f'; did you mean {".".join(parents + close)}?' if close else ''
+        raise UsageError(f'unknown config field {dotted} (--config.{dotted}){hint}')
+      node, parents = node[part], parents + [part]
+
+
+def _config_value(argv: list[str]) -> tuple[int, str] | None:
+  """(index in argv, value) of --config, or None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return i, arg[len('--config='):]
+    if arg == '--config' and i + 1 < len(argv):
+      return i + 1, argv[i + 1]
+  return None
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -115,57 +187,59 @@ def parse_flags(argv: list[str]) -> list[str]:
     if arg in _HELP:
       app.usage(shorthelp=_HELP[arg], writeto_stdout=True)
       sys.exit(0)
+  argv = list(argv)
   try:
-    rest = flags.FLAGS(argv)
-  except SyntaxError as e:  # A config file that does not parse.
-    _usage_error(_config_file_error(argv, e))
-  except (flags.Error, AttributeError, KeyError) as e:
-    # config_flags raises AttributeError for an override of an unknown field.
-    if isinstance(e, (AttributeError, KeyError)):
-      _usage_error(_unknown_field(argv, e) or _config_file_error(argv, e))
-    if isinstance(e, flags.UnrecognizedFlagError):
-      _usage_error(f'unknown flag --{e.flagname}' + _nearest(e.flagname, flags.FLAGS))
-    _usage_error(str(e).strip().splitlines()[0])
-  try:
-    _CONFIG.value.keys()  # A config file that failed to load raises here, not deep in training.
-  except (OSError, ImportError, AttributeError) as e:
-    _usage_error(_config_file_error(argv, e))
-  return rest
-
-
-def _config_file_error(argv: list[str], e: BaseException) -> str:
-  """One line for a config file that is missing or fails to load."""
-  path = next((b if a == '--config' else a[len('--config='):]
-               for a, b in zip(argv, argv[1:] + [''])
-               if a == '--config' or a.startswith('--config=')), '')
-  if not os.path.isfile(path.split(':', 1)[0]):
-    known = glob.glob(os.path.join(os.path.dirname(path) or 'configs', '*.py'))
-    close = difflib.get_close_matches(path, known, n=1, cutoff=0.75)
-    example = f'did you mean {close[0]}?' if close else 'e.g. --config configs/digits.py'
-    return f'no config file at {path} (--config); {example}'
-  cause = e.__cause__ or e
-  where = f' (line {cause.lineno})' if isinstance(cause, SyntaxError) else ''
-  return (f'cannot load the config {path}{where}: {type(cause).__name__}: '
-          f'{str(cause).strip().splitlines()[0]}')
+    found = _config_value(argv)
+    if found is not None:
+      index, value = found
+      resolved = resolve_config(value)
+      check_overrides(argv, load_config(resolved))
+      argv[index] = resolved if argv[index] == value else f'--config={resolved}'
+    return flags.FLAGS(argv)
+  except UsageError as e:
+    message = str(e)
+  except flags.UnrecognizedFlagError as e:
+    close = _nearest(e.flagname, flags.FLAGS)
+    message = f'unknown flag --{e.flagname}' + (f'; did you mean --{close[0]}?' if close else '')
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    message = str(e).strip().splitlines()[0]
+  print(f'train.py: error: {message}', file=sys.stderr)
+  sys.exit(_CLI['EXIT_USAGE'])
 
 
 def main(argv):
   if len(argv) > 1:
-    _usage_error(f'unexpected arguments: {" ".join(argv[1:])}')
+    print(f'train.py: error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
+    return _CLI['EXIT_USAGE']
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 shows it.
+  verbose = flags.FLAGS['verbosity'].present  # Any --verbosity: library logs and tracebacks.
+  if not verbose:
+    logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
   if _MULTIHOST.value:  # Before anything else touches jax.
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from repmlp_jax.commands import cli  # pylint: disable=g-import-not-at-top
   from repmlp_jax import outputs  # pylint: disable=g-import-not-at-top
+  if not verbose:
+    cli.hide_orbax_logs()
+  created = not os.path.exists(_WORKDIR.value)
   try:  # Before any data is read or anything compiles.
     workdir = outputs.check_workdir(_WORKDIR.value)
-  except OSError as e:
+  except (OSError, ImportError, ValueError) as e:  # ImportError: gs:// without the gcs extra.
     cli.error('train.py', e)
-    return cli.EXIT_ERROR
+    return cli.EXIT_USAGE
+  try:
+    return _train(workdir, verbose)
+  finally:
+    # A start that failed before its first step leaves the workdir as it found it (the trainer
+    # removes what it wrote); the folder itself, if this command created it.
+    if created and os.path.isdir(workdir) and not os.listdir(workdir):
+      os.rmdir(workdir)
+
+
+def _train(workdir: str, verbose: bool) -> int:
+  from repmlp_jax.commands import cli  # pylint: disable=g-import-not-at-top
   tf = cli.import_tensorflow_quietly()
   # The input pipeline runs on the CPU: leave accelerator memory to JAX.
   try:
@@ -178,11 +252,11 @@ def main(argv):
   try:
     result = trainer.train_and_evaluate(_CONFIG.value, workdir)
   except trainer.USER_ERRORS as e:  # Said in one line; the traceback would only bury it.
-    if flags.FLAGS['verbosity'].present:
+    if verbose:
       raise  # Asked for detail: the whole traceback.
     cli.error('train.py', e)
     return cli.exit_status(e)
-  # The trainer has printed the one line that says where it stopped and how to resume.
+  # The trainer has printed the last line: where the results are, or how to resume.
   return cli.EXIT_STOPPED if result.get('preempted') else cli.EXIT_OK
 
 

@@ -2,7 +2,7 @@
 
     pip install -e '.[data]'
     tfds build cifar10 --data_dir=$HOME/tensorflow_datasets   # once, on a machine with internet
-    python train.py --config configs/cifar10_pure_mlp.py --workdir /tmp/cifar10-pure-mlp \
+    python train.py --config cifar10_pure_mlp --workdir /tmp/cifar10-pure-mlp \
         --config.data_dir=$HOME/tensorflow_datasets
 
 The paper's recipe: 100 epochs, batch 128, cosine learning rate, padding to 40x40 + random 32x32

@@ -18,8 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Model: any name create_model knows; model_overrides are passed on as its settings.
   config.model = 'RepMLPNet-B224'
   config.model_overrides = ml_collections.ConfigDict()
-  # Start from a model directory written by repmlp_jax.model_io.save_model, in training form
-  # (a deploy-form model cannot be trained). The head starts fresh when its size differs.
+  # Start from a training-form model in any format repmlp_jax.model_io.read_model reads (an
+  # imported directory, a hub directory, a .pth, another run's workdir); a deploy-form model
+  # cannot be trained. The head starts fresh when its size differs.
   config.init_from = config_dict.placeholder(str)
   # Compute dtype of every convolution, matmul and activation: 'bfloat16' (TPU / GPU) or
   # 'float32'. Parameters, optimizer state, BatchNorm statistics and their mean / variance
@@ -31,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
   # JAX's persistent compilation cache: None = $XDG_CACHE_HOME/repmlp_jax/jax_cache (or
   # ~/.cache/...), a path = there, '' = off. A second start of the same config compiles nothing.
   config.compilation_cache_dir = config_dict.placeholder(str)
+  # TensorBoard event files in <workdir>/tensorboard beside metrics.jsonl (tf.summary; on a gs://
+  # workdir through TensorFlow's own GCS client).
+  config.tensorboard = True
 
   # Data (repmlp_jax.data.input_pipeline): 'imagenet2012', 'cifar10', 'cifar100', 'image_folder',
   # 'digits'. image_size: training crop; eval_image_size: test resize + center crop side.

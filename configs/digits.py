@@ -1,7 +1,7 @@
 """The embedded default: a small RepMLPNet on scikit-learn's handwritten digits, no download.
 
     pip install -e '.[data]'
-    python train.py --config configs/digits.py --workdir /tmp/repmlp-digits
+    python train.py --config digits --workdir /tmp/repmlp-digits
 
 1438 training and 359 test images (8x8 gray, shipped inside scikit-learn), upsampled to 32x32 by
 the input pipeline. Training is the ImageNet recipe scaled down: AdamW with masked weight decay,

@@ -1,11 +1,12 @@
 """Fine-tunes RepMLPNet-B224 from an imported checkpoint on your own images.
 
-    python train.py --config configs/finetune_b224.py --workdir /ckpt/finetune_b224 \
+    python train.py --config finetune_b224 --workdir /ckpt/finetune_b224 \
         --config.init_from=/ckpt/repmlpnet_b224 \
         --config.dataset=image_folder --config.data_dir=/data/my_images
 
-`init_from` is a directory written by repmlp_jax.model_io.save_model holding the training form of
-the same model (e.g. the official training-time weights imported with convert.py). Every
+`init_from` is the training form of the same model in any format repmlp_jax.model_io.read_model
+reads (e.g. the official training-time weights imported with convert.py, the released .pth
+itself, or another run's workdir). Every
 variable is loaded except the classifier when the number of classes differs (it starts fresh);
 the optimizer starts fresh. On a rerun the workdir's own checkpoint wins over init_from.
 `image_folder` reads <data_dir>/train/<class>/* and <data_dir>/val/<class>/*; any other data set

@@ -1,6 +1,6 @@
 """RepMLPNet-B256 on ImageNet-1k, the official recipe (100 epochs, batch 256, AdamW, mixup/CutMix).
 
-    python train.py --config configs/imagenet_b256.py --workdir /ckpt/repmlpnet_b256 \
+    python train.py --config imagenet_b256 --workdir /ckpt/repmlpnet_b256 \
         --config.data_dir=/data/tfds
 
 See train.py for data preparation, multi-host runs and resuming. The official weights of this

@@ -1,6 +1,6 @@
 """RepMLPNet-D256 on ImageNet-1k, the official recipe (100 epochs, batch 256, AdamW, mixup/CutMix).
 
-    python train.py --config configs/imagenet_d256.py --workdir /ckpt/repmlpnet_d256 \
+    python train.py --config imagenet_d256 --workdir /ckpt/repmlpnet_d256 \
         --config.data_dir=/data/tfds
 
 See train.py for data preparation, multi-host runs and resuming. The official weights of this

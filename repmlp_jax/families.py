@@ -58,41 +58,26 @@ class Family(NamedTuple):
   torch_keys: TorchKeys | None  # None: no PyTorch checkpoints exist for the family.
 
 
-FAMILIES: dict[type[nn.Module], Family] = {
+def _torch_keys(keys, marker: str, file_settings: tuple[str, ...], *,
+                mmpretrain: bool = False) -> TorchKeys:
+  """A key map module's functions as TorchKeys: every `pytorch/keys_*` module has the same names."""
+  names = (MMPretrainNames(keys.is_mmpretrain, keys.from_mmpretrain, keys.to_mmpretrain)
+           if mmpretrain else None)
+  return TorchKeys(marker, keys.detect, keys.is_deploy, keys.variables_from_torch,
+                   keys.variables_to_torch, keys.describe, file_settings, names)
+
+
+FAMILIES: dict[type[nn.Module], Family] = {  # class: (name, reparam rule, classifier, key map)
     repmlpnet.RepMLPNet: Family(
-        name='RepMLPNet',
-        reparam_variables=repmlpnet_rule.reparam_variables,
-        classifier='head',
-        torch_keys=TorchKeys(
-            marker='conv_embedding.conv.weight',
-            detect=keys_repmlpnet.detect,
-            is_deploy=keys_repmlpnet.is_deploy,
-            from_torch=keys_repmlpnet.variables_from_torch,
-            to_torch=keys_repmlpnet.variables_to_torch,
-            describe=keys_repmlpnet.describe,
-            file_settings=('num_classes', 'gp_hidden_divisor'),
-            mmpretrain=MMPretrainNames(keys_repmlpnet.is_mmpretrain,
-                                       keys_repmlpnet.from_mmpretrain,
-                                       keys_repmlpnet.to_mmpretrain))),
+        'RepMLPNet', repmlpnet_rule.reparam_variables, 'head',
+        _torch_keys(keys_repmlpnet, 'conv_embedding.conv.weight',
+                    ('num_classes', 'gp_hidden_divisor'), mmpretrain=True)),
     repmlp_resnet.RepMLPResNet: Family(
-        name='RepMLP-ResNet / ResNet-50',
-        reparam_variables=resnet_rule.reparam_variables,
-        classifier='linear',
-        torch_keys=TorchKeys(
-            marker='stage0.0.conv.weight',
-            detect=keys_resnet.detect,
-            is_deploy=keys_resnet.is_deploy,
-            from_torch=keys_resnet.variables_from_torch,
-            to_torch=keys_resnet.variables_to_torch,
-            describe=keys_resnet.describe,
-            file_settings=('num_classes',),
-            mmpretrain=None)),
+        'RepMLP-ResNet / ResNet-50', resnet_rule.reparam_variables, 'linear',
+        _torch_keys(keys_resnet, 'stage0.0.conv.weight', ('num_classes',))),
     # The authors released no PyTorch model of the pure-MLP CIFAR net, hence no key map.
     pure_mlp.PureMLPNet: Family(
-        name='pure-MLP CIFAR net',
-        reparam_variables=resnet_rule.reparam_variables,
-        classifier='linear',
-        torch_keys=None),
+        'pure-MLP CIFAR net', resnet_rule.reparam_variables, 'linear', None),
 }
 
 

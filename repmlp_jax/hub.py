@@ -13,8 +13,6 @@ Needs the `hub` extra: pip install 'repmlp-jax[hub]'.
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -23,8 +21,11 @@ import jax
 import numpy as np
 
 from repmlp_jax import model_io
+from repmlp_jax import outputs
+from repmlp_jax import storage
 from repmlp_jax.data import imagenet
 from repmlp_jax.models import factory as models
+from repmlp_jax.pytorch import mapping
 
 WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
@@ -51,7 +52,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
   """Reads a .safetensors file into numpy arrays, without executing anything from it.
 
   Args:
-    path: the file.
+    path: the file, local or gs://.
   Returns:
     ({name: array}, the header's text metadata). bfloat16 arrays (unknown to numpy) become
     float32.
@@ -61,12 +62,13 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
   require_safetensors()
   import safetensors  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not storage.resolve(path).is_file():
     raise FileNotFoundError(f'No safetensors file at {path}.')
   try:
     # The 'flax' framework reads every dtype (numpy lacks bfloat16); host memory, then numpy.
-    with (jax.default_device(jax.local_devices(backend='cpu')[0]),
-          safetensors.safe_open(path, framework='flax') as f):
+    with (storage.local_file(path) as local,
+          jax.default_device(jax.local_devices(backend='cpu')[0]),
+          safetensors.safe_open(local, framework='flax') as f):
       metadata = dict(f.metadata() or {})
       arrays = {}
       for name in f.keys():
@@ -137,59 +139,33 @@ def save_pretrained(path: str | os.PathLike, model: nn.Module, variables: Any,
                     **preprocess: Any) -> str:
   """Writes `model.safetensors` and `config.json` to a new directory, atomically.
 
-  Both files are written to a temporary directory next to `path`, which is then renamed to
-  `path`: an interrupted save leaves nothing under that name, and an existing path is refused.
+  Written as `outputs.write_new_directory` writes (config.json last, so a directory that has it
+  is complete): an interrupted save leaves nothing usable under that name, and an existing path
+  is refused.
 
   Args:
-    path: the directory to create; it must not exist, its parent must.
+    path: the directory to create, local or gs://; it must not exist (missing parents are made).
     model: the module the variables belong to (training or deploy form).
     variables: {'params': ..., 'batch_stats': ...}.
     **preprocess: image_size, crop_ratio, mean, std of the evaluation (see `preprocessing`).
   Returns:
-    The absolute path written.
+    The absolute path or URL written.
   """
   safetensors_numpy = require_safetensors()
-  path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path):
-    raise FileExistsError(f'{path} already exists; choose a new directory (save_pretrained '
-                          'never replaces one).')
-  parent = os.path.dirname(path)
-  if not os.path.isdir(parent):
-    raise FileNotFoundError(f'The output directory {parent} does not exist; create it first.')
+  outputs.check_new_output(path)
   config = pretrained_config(model, **preprocess)
   flat = flat_variables(variables)
-  _check_names_and_shapes(model, {k: v.shape for k, v in flat.items()}, 'The variables')
+  _check_names_and_shapes(model, {k: v.shape for k, v in flat.items()}, 'the variables given')
   data = safetensors_numpy.save(flat,
                                 metadata={'format': 'flax', 'library': 'repmlp_jax'})
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
-  try:
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the published directory.
-    for name, content in ((WEIGHTS_NAME, data),
-                          (CONFIG_NAME, (json.dumps(config, indent=2) + '\n').encode())):
-      with open(os.path.join(tmp, name), 'wb') as f:
-        f.write(content)
-        f.flush()
-        os.fsync(f.fileno())
-    # rename() replaces at most an empty directory that appeared meanwhile, never content.
-    os.rename(tmp, path)
-  except OSError as e:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if os.path.exists(path):
-      raise FileExistsError(f'{path} was created by another process while writing; not '
-                            'replaced.') from e
-    raise
-  return path
-
-
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
+  return outputs.write_new_directory(path, {
+      WEIGHTS_NAME: data, CONFIG_NAME: (json.dumps(config, indent=2) + '\n').encode()})
 
 
 def _is_local(path: str) -> bool:
-  # A path that names a place on disk (even a missing one) is never sent to the hub.
-  return (os.path.exists(path) or path.startswith(('.', '/', '~')) or path.count('/') > 1
+  # A path that names a place on disk or in a bucket (even a missing one) is never sent to the hub.
+  return (storage.is_remote(path) or os.path.exists(path) or path.startswith(('.', '/', '~'))
+          or path.count('/') > 1
           or (os.altsep is not None and os.altsep in path))
 
 
@@ -219,10 +195,11 @@ def _hub_files(repo_id: str, revision: str | None, cache_dir: str | None) -> tup
 
 def resolve(path_or_repo_id: str | os.PathLike, *, revision: str | None = None,
             cache_dir: str | os.PathLike | None = None) -> tuple[str, str]:
-  """The local (config.json, model.safetensors) of a directory or a hub repository id.
+  """The (config.json, model.safetensors) of a directory or a hub repository id.
 
   Args:
-    path_or_repo_id: a directory written by `save_pretrained`, or 'org/name' on the hub.
+    path_or_repo_id: a directory written by `save_pretrained` (local or gs://), or 'org/name'
+      on the hub.
     revision: the hub revision (branch, tag or commit); default: main.
     cache_dir: the hub cache (default: huggingface_hub's, i.e. HF_HUB_CACHE).
   Returns:
@@ -230,12 +207,14 @@ def resolve(path_or_repo_id: str | os.PathLike, *, revision: str | None = None,
   """
   name = os.fspath(path_or_repo_id)
   if _is_local(name):
-    if not os.path.isdir(name):
-      raise FileNotFoundError(f'No pretrained directory at {os.path.abspath(name)}.')
-    files = tuple(os.path.join(name, f) for f in (CONFIG_NAME, WEIGHTS_NAME))
-    missing = [os.path.basename(f) for f in files if not os.path.isfile(f)]
+    directory = storage.resolve(name)
+    with storage.reaching(directory):
+      if not directory.is_dir():
+        raise FileNotFoundError(f'No pretrained directory at {directory}.')
+      files = tuple(os.fspath(directory / f) for f in (CONFIG_NAME, WEIGHTS_NAME))
+      missing = [os.path.basename(f) for f in files if not storage.resolve(f).is_file()]
     if missing:
-      raise FileNotFoundError(f'{os.path.abspath(name)} lacks {" and ".join(missing)}: expected a '
+      raise FileNotFoundError(f'{directory} lacks {" and ".join(missing)}: expected a '
                               'directory written by save_pretrained (or convert.py export).')
     return files
   return _hub_files(name, revision, None if cache_dir is None else os.fspath(cache_dir))
@@ -244,8 +223,8 @@ def resolve(path_or_repo_id: str | os.PathLike, *, revision: str | None = None,
 def read_config(config_file: str | os.PathLike) -> dict[str, Any]:
   """Reads and checks a config.json written by `save_pretrained`."""
   try:
-    with open(config_file) as f:
-      config = json.load(f)
+    with storage.reaching(config_file):
+      config = json.loads(storage.resolve(config_file).read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise PretrainedError(f'{config_file} is not valid JSON ({e}).') from e
   if not isinstance(config, dict) or config.get('library') != 'repmlp_jax':
@@ -279,26 +258,20 @@ def model_from_config(config: Mapping[str, Any], source: str = 'config.json') ->
 
 def _check_names_and_shapes(model: nn.Module, got: Mapping[str, tuple[int, ...]],
                             what: str) -> dict[tuple[str, ...], Any]:
-  """Raises PretrainedError unless `got` has exactly `model`'s flat names and shapes.
+  """Raises PretrainedError (the key report of `mapping`) unless `got` has exactly `model`'s
+  flat names and shapes; `what` names where `got` comes from.
 
   Returns:
     The model's abstract variables, flattened (name tuple -> ShapeDtypeStruct).
   """
   abstract = traverse_util.flatten_dict(model_io.abstract_variables(model))
   want = {_SEP.join(k): tuple(v.shape) for k, v in abstract.items()}
-  missing = sorted(set(want) - set(got))
-  unexpected = sorted(set(got) - set(want))
-  misshaped = [f'{k}: expected {want[k]}, got {tuple(got[k])}' for k in sorted(want)
-               if k in got and want[k] != tuple(got[k])]
-  if missing or unexpected or misshaped:
-    lines = [f'{what} do not fit {official_name(model) or type(model).__name__} '
-             f'({"deploy" if model.deploy else "training"} form, {model.num_classes} classes):']
-    for label, keys in (('missing', missing), ('unexpected', unexpected)):
-      if keys:
-        lines.append(f'  {len(keys)} {label}: ' + ', '.join(keys[:8])
-                     + (' ...' if len(keys) > 8 else ''))
-    lines += ['  ' + m for m in misshaped[:8]]
-    raise PretrainedError('\n'.join(lines))
+  try:
+    mapping.check_keys(f'{official_name(model) or type(model).__name__} '
+                       f'({"deploy" if model.deploy else "training"} form, '
+                       f'{model.num_classes} classes; {what})', want, got)
+  except mapping.KeyMismatchError as e:
+    raise PretrainedError(str(e)) from e
   return abstract
 
 
@@ -307,7 +280,7 @@ def variables_from_flat(model: nn.Module, arrays: Mapping[str, np.ndarray],
   """Flat safetensors arrays -> `model`'s variables, after checking every name and shape."""
   abstract = _check_names_and_shapes(
       model, {k: np.shape(v) for k, v in arrays.items()},
-      f'The weights in {source} (for the model its config.json describes)')
+      f'the weights in {source}, for the model its config.json describes')
   flat = {k: jax.numpy.asarray(arrays[_SEP.join(k)], abstract[k].dtype) for k in abstract}
   return traverse_util.unflatten_dict(flat)
 

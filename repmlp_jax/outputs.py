@@ -1,23 +1,34 @@
-"""Where results are written: checked before any heavy work, and failed writes told in one line.
+"""Where results are written: checked before any heavy work, written whole or not at all, never
+over an existing output, and failed writes told in one line.
 
-Every tool that writes (train.py's workdir, convert.py's outputs, predict.py --export,
-model_io.save_model) asks `check_new_output` or `check_workdir` first, so a taken or impossible
-path is refused before a model is loaded or anything compiles. A write that fails midway (a full
-disk, a file system turned read-only) goes through `writing`, which removes what the write left
-behind (orbax's temporary directories, a temporary file) and raises `WriteError`, whose message
-is one line naming the path and the reason.
+Every tool that writes (train.py's workdir, convert.py's outputs, predict.py --export, save_model,
+save_pretrained, the PyTorch / ONNX / jax.export files) asks `check_new_output` or
+`check_workdir` first, so a taken or impossible path is refused before a model is loaded or
+anything compiles; missing parent directories are made when the output is written, as
+`mkdir -p` would. Paths are local or gs:// (`repmlp_jax.storage`).
+
+The one way to write a new output: `write_new_file` (one file) and `write_new_directory` (a few
+files under a new name). On the local disk the content goes to a temporary name next to the
+output, then is linked or renamed to it, which fails if the name was taken meanwhile. On a bucket
+each object is uploaded on the condition that its name is free (ifGenerationMatch=0) and appears
+whole when the upload completes; a directory's files are uploaded in the order given, the last
+one marking it complete. orbax writes its own checkpoints; a write that fails midway (a full
+disk, a file system turned read-only) runs inside `writing`, which removes what the write left
+and raises `WriteError`, whose message is one line naming the path and the reason.
 """
 
 import contextlib
 import errno
+import io
 import os
+import secrets
 import shutil
-import tempfile
 import time
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator, Mapping
 
-# orbax writes `<final name>.orbax-checkpoint-tmp[-<timestamp>]` and renames it when complete.
-ORBAX_TMP_SUFFIX = '.orbax-checkpoint-tmp'
+from etils import epath
+
+from repmlp_jax import storage
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -31,49 +42,59 @@ class WriteError(OSError):
 
 
 def check_new_output(path: str | os.PathLike, *, overwrite: bool = False) -> str:
-  """The absolute path of an output to create, after checking it can be created.
+  """The absolute path (or gs:// URL) of an output to create, after checking it can be created.
 
   Args:
-    path: a file or directory that must not exist yet (unless `overwrite`).
+    path: a file or directory that must not exist yet (unless `overwrite`). Missing parent
+      directories are fine: the writers create them.
     overwrite: an existing output may be replaced.
   Returns:
-    The absolute path.
+    The absolute path or URL.
   Raises:
     FileExistsError: it exists (and may not be replaced).
-    FileNotFoundError: its parent directory does not exist.
+    NotADirectoryError: one of its parents is a file.
   """
-  path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path) and not overwrite:
-    hint = ' or pass --overwrite' if os.path.isdir(path) else ''
-    raise FileExistsError(f'{path} already exists; choose another output path{hint}.')
-  parent = os.path.dirname(path)
-  if not os.path.isdir(parent):
-    raise FileNotFoundError(f'The output directory {parent} does not exist; create it first.')
-  return path
+  target = storage.resolve(path)
+  with storage.reaching(target):
+    if target.exists() and not overwrite:
+      hint = ' or pass --overwrite' if target.is_dir() else ''
+      raise FileExistsError(f'{target} already exists; choose another output path{hint}.')
+    if not storage.is_remote(target):
+      parent = target.parent
+      while not parent.exists():
+        parent = parent.parent
+      if not parent.is_dir():
+        raise NotADirectoryError(f'{parent} is a file, so {target} cannot be created in it; '
+                                 'choose another output path.')
+  return os.fspath(target)
 
 
 def check_workdir(workdir: str | os.PathLike) -> str:
   """Creates `workdir` if needed and proves that files can be written in it.
 
   A probe file is created and removed (permission bits alone do not tell: root ignores them, and
-  a read-only mount keeps them).
+  a read-only mount keeps them; on a bucket, it proves the credentials and the bucket).
 
   Args:
-    workdir: the training run's directory.
+    workdir: the training run's directory, local or gs://.
   Returns:
-    Its absolute path.
+    Its absolute path or URL.
   Raises:
     WriteError: it cannot be created or written; one line.
   """
-  workdir = os.path.abspath(os.fspath(workdir))
+  path = storage.resolve(workdir)
+  probe = path / f'.write-test-{secrets.token_hex(4)}'
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.TemporaryFile(dir=workdir, prefix='.write-test-'):
-      pass
+    with storage.reaching(path):
+      storage.make_dirs(path)
+      probe.write_bytes(b'')
+      probe.unlink()
+  except storage.StorageError:
+    raise
   except OSError as e:
-    raise WriteError(f'Cannot write to the workdir {workdir} ({_reason(e)}); choose another '
+    raise WriteError(f'Cannot write to the workdir {path} ({_reason(e)}); choose another '
                      '--workdir or fix its permissions.', e.errno) from None
-  return workdir
+  return os.fspath(path)
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -106,18 +127,35 @@ def _reason(error: BaseException) -> str:
   return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
-def remove_partial(path: str | os.PathLike) -> None:
-  """Removes orbax's temporary directories for `path` (a save that did not finish)."""
-  path = os.path.abspath(os.fspath(path))
-  parent, name = os.path.split(path)
+def _entries(directory: epath.Path) -> set[str]:
+  try:
+    return {p.name for p in directory.iterdir()}
+  except (FileNotFoundError, NotADirectoryError):
+    return set()
+
+
+def _remove(path: epath.Path) -> None:
+  try:
+    if path.is_dir():
+      path.rmtree()
+    else:
+      path.unlink()
+  except FileNotFoundError:
+    pass
+
+
+def _remove_new_entries(directory: epath.Path, before: set[str]) -> None:
+  """Removes what appeared in `directory` since `before` was listed (a failed write's leftovers).
+
+  A writer such as orbax saves the items of a checkpoint concurrently: when one fails, another
+  may still be creating its folder in a thread for a moment. Cleans until two scans in a row
+  find nothing new.
+  """
   quiet_scans = 0
-  # orbax saves the items of a checkpoint concurrently: when one fails, another may still be
-  # creating its folder in a thread for a moment. Clean until two scans in a row find nothing.
   for _ in range(40):
-    leftovers = [e for e in (os.listdir(parent) if os.path.isdir(parent) else [])
-                 if e.startswith(name + ORBAX_TMP_SUFFIX)]
+    leftovers = _entries(directory) - before
     for entry in leftovers:
-      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+      _remove(directory / entry)
     quiet_scans = 0 if leftovers else quiet_scans + 1
     if quiet_scans == 2:
       return
@@ -126,7 +164,7 @@ def remove_partial(path: str | os.PathLike) -> None:
 
 @contextlib.contextmanager
 def writing(path: str | os.PathLike, *, kept: str = '') -> Iterator[None]:
-  """Runs a write of `path`; if it fails with a full disk, cleans up and says so in one line.
+  """Runs a write of `path`; if it fails, removes what it left, and a full disk is one line.
 
   Args:
     path: the file or directory being written.
@@ -134,13 +172,111 @@ def writing(path: str | os.PathLike, *, kept: str = '') -> Iterator[None]:
   Raises:
     WriteError: the write failed for lack of space or permission; nothing partial is left.
   """
+  target = storage.resolve(path)
+  before = _entries(target.parent)
   try:
     yield
   except Exception as e:  # orbax and tensorstore raise ValueError / Exception for I/O errors.
-    remove_partial(path)
+    _remove_new_entries(target.parent, before)
     if not (is_disk_full(e) or isinstance(e, (PermissionError, IsADirectoryError))):
       raise
-    message = f'Cannot write {os.path.abspath(os.fspath(path))}: {_reason(e)}'
+    message = f'Cannot write {target}: {_reason(e)}'
     if kept:
       message += f'; {kept}'
     raise WriteError(message + '.', errno.ENOSPC if is_disk_full(e) else e.errno) from None
+
+
+def write_new_file(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> str:
+  """Creates `path` with what `write(file)` writes, atomically; never replaces a file.
+
+  Args:
+    path: the file to create, local or gs://; missing parent directories are created.
+    write: called once with an open binary file.
+  Returns:
+    The absolute path or URL written.
+  Raises:
+    FileExistsError: `path` exists, or was created by another process while writing.
+    WriteError: the disk filled up (one line; no temporary file is left).
+  """
+  target = storage.resolve(check_new_output(path))
+  if storage.is_remote(target):
+    buffer = io.BytesIO()
+    write(buffer)
+    _upload_new(target, buffer.getvalue())
+    return os.fspath(target)
+  storage.make_parents(target)
+  tmp = target.parent / f'.{target.name}.{secrets.token_hex(4)}.tmp'
+  # os.open with 0o666 lets the umask decide the mode (tempfile.mkstemp would force 0600).
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+  try:
+    with writing(target):
+      with os.fdopen(fd, 'wb') as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+      os.link(tmp, target)
+    except FileExistsError:
+      raise FileExistsError(f'{target} was created by another process while writing; not '
+                            'replaced.') from None
+  finally:
+    os.unlink(tmp)
+  return os.fspath(target)
+
+
+def write_new_directory(path: str | os.PathLike, files: Mapping[str, bytes]) -> str:
+  """Creates the directory `path` holding `files` (name -> content), atomically.
+
+  Locally the files go to a temporary directory next to `path`, renamed to `path` when complete.
+  On a bucket each object is uploaded on the condition that its name is free, in the order of
+  `files`: put the file that marks the directory complete last.
+
+  Args:
+    path: the directory to create; it must not exist. Missing parents are created.
+    files: file name -> bytes.
+  Returns:
+    The absolute path or URL written.
+  Raises:
+    FileExistsError: `path` exists, or was created by another process while writing.
+  """
+  target = storage.resolve(check_new_output(path))
+  if storage.is_remote(target):
+    written = []
+    try:
+      for file_name, content in files.items():
+        _upload_new(target / file_name, content)
+        written.append(target / file_name)
+    except BaseException:
+      for done in written:
+        _remove(done)
+      raise
+    return os.fspath(target)
+  storage.make_parents(target)
+  tmp = target.parent / f'.{target.name}.{secrets.token_hex(4)}.tmp'
+  os.mkdir(tmp, 0o777)  # The umask decides the mode, as for any directory the user creates.
+  try:
+    with writing(target):
+      for file_name, content in files.items():
+        with open(tmp / file_name, 'wb') as f:
+          f.write(content)
+          f.flush()
+          os.fsync(f.fileno())
+    # rename() replaces at most an empty directory that appeared meanwhile, never content.
+    os.rename(tmp, target)
+  except OSError as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if target.exists() and not isinstance(e, WriteError):
+      raise FileExistsError(f'{target} was created by another process while writing; not '
+                            'replaced.') from e
+    raise
+  return os.fspath(target)
+
+
+def _upload_new(target: epath.Path, content: bytes) -> None:
+  """Uploads one object, on the condition that its name is still free (ifGenerationMatch=0)."""
+  with storage.reaching(target):
+    try:
+      storage.gcs(target).pipe_file(os.fspath(target), content, mode='create')
+    except FileExistsError:
+      raise FileExistsError(f'{target} was created by another process while writing; not '
+                            'replaced.') from None

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from repmlp_jax import model_io
-from repmlp_jax.models import factory as models
+from repmlp_jax.models import factory
 
 
 def count_params(variables: Any) -> int:
@@ -37,10 +37,10 @@ def forward_flops(model, size: int) -> float:
 
 def model_report(name: str, size: int | None = None) -> dict[str, Any]:
   """Params and FLOPs of one model in both forms."""
-  row = {'model': models.resolve_name(name)}
+  row = {'model': factory.resolve_name(name)}
   for deploy in (False, True):
-    model = models.create_model(name, deploy=deploy)
-    side = size or model.image_size or models.example_input_size(model)
+    model = factory.create_model(name, deploy=deploy)
+    side = size or model.image_size or factory.example_input_size(model)
     form = 'deploy' if deploy else 'train'
     row['size'] = side
     row[f'{form}_params'] = count_params(model_io.abstract_variables(model))
@@ -50,8 +50,9 @@ def model_report(name: str, size: int | None = None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('models', nargs='*', default=models.available_models())
-  parser.add_argument('--size', type=int, default=None, help='input side (default: the training size)')
+  parser.add_argument('models', nargs='*', default=factory.available_models())
+  parser.add_argument('--size', type=int, default=None,
+                      help='input side (default: the training size)')
   args = parser.parse_args(argv)
   header = (f'{"model":<16} {"size":>5} {"train params":>14} {"train GMACs":>12} '
             f'{"deploy params":>14} {"deploy GMACs":>13}')

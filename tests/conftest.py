@@ -9,6 +9,15 @@ the setting. XLA_FLAGS that already name an optimisation level are left as they 
 """
 
 import os
+import sys
+
+# Triton stays unimported: where it is installed (CUDA builds of torch), torch's optimizer step
+# imports it, and its bundled LLVM registers command-line options that the LLVM of jaxlib or
+# TensorFlow, loaded earlier in the same process, already registered: the process aborts ("LLVM
+# ERROR: inconsistency in registered CommandLine options") or crashes, depending on which test
+# files share it. None in sys.modules makes `import triton` raise ImportError, which torch reads
+# as "no triton"; no test needs it (torch runs on the CPU here).
+sys.modules.setdefault('triton', None)
 
 # Before JAX initialises its backend: several CPU devices to test sharding on, quiet TF.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')

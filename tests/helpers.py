@@ -1,7 +1,12 @@
 """Helpers shared by the tests."""
 
+import contextlib
+import os
+import subprocess
+
 import jax
 import numpy as np
+import pytest
 
 
 def randomize_batch_norm(variables, seed: int = 0):
@@ -37,3 +42,20 @@ def randomize_batch_norm(variables, seed: int = 0):
 def relative_error(a, b) -> float:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.abs(a - b).max() / np.abs(a).max())
+
+
+@contextlib.contextmanager
+def tmpfs(directory, size: str):
+  """A real small file system at `directory` (tmpfs of `size`, e.g. '3m') for a real full disk.
+
+  Skips the test where mounting is not allowed (mount needs root on Linux).
+  """
+  os.makedirs(directory, exist_ok=True)
+  done = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(directory)],
+                        capture_output=True, text=True, check=False)
+  if done.returncode:
+    pytest.skip(f'cannot mount a tmpfs here (mount: {done.stderr.strip() or done.returncode})')
+  try:
+    yield directory
+  finally:
+    subprocess.run(['umount', str(directory)], check=True)

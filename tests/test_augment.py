@@ -45,9 +45,11 @@ def test_geometric_ops_are_identity_at_level_zero(name, negate):
   np.testing.assert_array_equal(out, image)
 
 
-def _pil_reference(name: str, image: Image.Image, level: float) -> Image.Image:
-  """The authors' randaug.py semantics, written against PIL."""
+def _pil_reference(name: str, image: Image.Image, level: float,
+                   negate: bool = False) -> Image.Image:
+  """The authors' randaug.py semantics, written against PIL (`negate`: the geometric ops' sign)."""
   factor = level / 10 * 1.8 + 0.1
+  signed = -level if negate else level
   width, height = image.size
   affine = dict(resample=Image.BILINEAR, fillcolor=(128, 128, 128))
   return {
@@ -62,29 +64,37 @@ def _pil_reference(name: str, image: Image.Image, level: float) -> Image.Image:
       'Contrast': lambda: ImageEnhance.Contrast(image).enhance(factor),
       'Brightness': lambda: ImageEnhance.Brightness(image).enhance(factor),
       'Sharpness': lambda: ImageEnhance.Sharpness(image).enhance(factor),
-      'Rotate': lambda: image.rotate(level / 10 * 30, **affine),
+      'Rotate': lambda: image.rotate(signed / 10 * 30, **affine),
       'ShearX': lambda: image.transform(image.size, Image.AFFINE,
-                                        (1, level / 10 * 0.3, 0, 0, 1, 0), **affine),
+                                        (1, signed / 10 * 0.3, 0, 0, 1, 0), **affine),
       'ShearY': lambda: image.transform(image.size, Image.AFFINE,
-                                        (1, 0, 0, level / 10 * 0.3, 1, 0), **affine),
+                                        (1, 0, 0, signed / 10 * 0.3, 1, 0), **affine),
       'TranslateXRel': lambda: image.transform(
-          image.size, Image.AFFINE, (1, 0, level / 10 * 0.45 * width, 0, 1, 0), **affine),
+          image.size, Image.AFFINE, (1, 0, signed / 10 * 0.45 * width, 0, 1, 0), **affine),
       'TranslateYRel': lambda: image.transform(
-          image.size, Image.AFFINE, (1, 0, 0, 0, 1, level / 10 * 0.45 * height), **affine),
+          image.size, Image.AFFINE, (1, 0, 0, 0, 1, signed / 10 * 0.45 * height), **affine),
   }[name]()
 
 
-@pytest.mark.parametrize('name', [n for n in randaugment.OP_NAMES if n != 'Cutout'])
+@pytest.mark.parametrize('name', [n for n in randaugment.OP_NAMES
+                                  if n != 'Cutout' and n not in randaugment.GEOMETRIC_OPS])
 @pytest.mark.parametrize('level', [3.0, 13.0])
 def test_op_matches_pil(name, level):
   image = _test_image(low=0, high=256)
-  expected = np.array(_pil_reference(name, Image.fromarray(image), level)).astype(int)
-  out = randaugment.apply_op(tf.constant(image), name, level).numpy().astype(int)
-  if name in randaugment.GEOMETRIC_OPS:
-    # Same sampling points; only pixels next to the filled border are interpolated differently.
-    assert np.mean(np.abs(out - expected) <= 1) > 0.95
-  else:
-    np.testing.assert_array_equal(out, expected)
+  expected = np.array(_pil_reference(name, Image.fromarray(image), level))
+  np.testing.assert_array_equal(randaugment.apply_op(tf.constant(image), name, level).numpy(),
+                                expected)
+
+
+@pytest.mark.parametrize('name', randaugment.GEOMETRIC_OPS)
+@pytest.mark.parametrize('level', [3.0, 13.0])
+@pytest.mark.parametrize('negate', [False, True])
+def test_geometric_op_matches_pil_with_either_sign(name, level, negate):
+  image = _test_image(low=0, high=256)
+  expected = np.array(_pil_reference(name, Image.fromarray(image), level, negate)).astype(int)
+  out = randaugment.apply_op(tf.constant(image), name, level, negate=negate).numpy().astype(int)
+  # Same sampling points; only pixels next to the filled border are interpolated differently.
+  assert np.mean(np.abs(out - expected) <= 1) > 0.95
 
 
 def _edge_case_images() -> list[np.ndarray]:

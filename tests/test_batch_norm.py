@@ -38,9 +38,9 @@ def _variables(channels, seed=0, dtype=np.float32):
 
 
 def _train(variables, x, batch_size, group_size, dtype=None):
-  """Training-mode BatchNorm built by layers.batch_norm inside grouped_statistics."""
-  with batch_norm.grouped_statistics(batch_size, group_size):
-    module = layers.batch_norm(True, dtype or x.dtype)
+  """Training-mode BatchNorm built by layers.batch_norm, groups of `group_size` images."""
+  module = layers.batch_norm(True, dtype or x.dtype,
+                             groups=batch_norm.num_groups(batch_size, group_size))
   return module.apply(variables, x, mutable=['batch_stats'])
 
 
@@ -136,27 +136,33 @@ def test_gradients_equal_pytorch_autograd_per_group(group_size):
   assert helpers.relative_error(bn.bias.grad.numpy(), g_params['bias']) <= 1e-12
 
 
-def test_gradient_through_the_statistics_equals_autodiff_of_the_formula():
-  """The batch statistics' own cotangents (they feed the running averages) are not dropped."""
+@pytest.mark.parametrize('group_size', [0, 2])
+def test_shared_features_equal_one_batch_norm_over_the_channel_blocks(group_size):
+  """features=S on S*R channels: channel c shares statistics and parameters with c % S, as one
+  BatchNorm of S channels over the (..., R, S) view; outputs, statistics and gradients."""
   with jax.enable_x64(True):
-    x = jnp.asarray(_x((2, 6, 3)))
-    scale, bias = jnp.asarray([0.5, 1.5, 2.0]), jnp.asarray([0.1, -0.2, 0.3])
-    weights = [jnp.asarray(np.random.default_rng(i).normal(size=s))
-               for i, s in enumerate([x.shape, (2, 3), (2, 3)])]
+    x = jnp.asarray(_x((4, 3, 2, 3 * 5)))
+    variables = _variables(5, dtype=np.float64)
+    groups = batch_norm.num_groups(4, group_size)
+    shared = layers.batch_norm(True, jnp.float64, groups=groups, features=5)
+    plain = layers.batch_norm(True, jnp.float64, groups=groups)
 
-    def loss(normalize, x, scale, bias):
-      y, mean, var = normalize(x, scale, bias)
-      return sum(jnp.sum(w * a) for w, a in zip(weights, (y, mean, var)))
+    def outputs(module, x, params):
+      y, updates = module.apply({**variables, 'params': params}, x, mutable=['batch_stats'])
+      return y, updates['batch_stats']
 
-    def formula(x, scale, bias):
-      mean, var = x.mean(1), x.var(1)
-      return (x - mean[:, None]) / jnp.sqrt(var[:, None] + 1e-5) * scale + bias, mean, var
+    def view(params, x):  # The same BatchNorm on the (N, H, W*R, S) view.
+      y, stats = outputs(plain, x.reshape(4, 3, 2 * 3, 5), params)
+      return y.reshape(x.shape), stats
 
-    ours = jax.grad(functools.partial(loss, lambda *a: batch_norm.normalize_batch(
-        *a, 1e-5, jnp.float64)), argnums=(0, 1, 2))(x, scale, bias)
-    want = jax.grad(functools.partial(loss, formula), argnums=(0, 1, 2))(x, scale, bias)
-    for a, b in zip(ours, want):
-      assert helpers.relative_error(b, a) <= 1e-12
+    cotangent = jnp.asarray(_x(x.shape, seed=3))
+    got = jax.vjp(lambda p, x: outputs(shared, x, p), variables['params'], x, has_aux=True)
+    want = jax.vjp(view, variables['params'], x, has_aux=True)
+    assert helpers.relative_error(want[0], got[0]) <= 1e-12
+    for name in ('mean', 'var'):
+      assert helpers.relative_error(want[2][name], got[2][name]) <= 1e-12
+    for a, b in zip(jax.tree.leaves(want[1](cotangent)), jax.tree.leaves(got[1](cotangent))):
+      assert helpers.relative_error(a, b) <= 1e-12
 
 
 def test_bfloat16_compute_keeps_float32_statistics():
@@ -175,9 +181,12 @@ def test_bfloat16_compute_keeps_float32_statistics():
 class _Unit(nn.Module):
   """Dense -> BatchNorm: a stand-in for a unit applied functionally inside lax.scan."""
 
+  groups: int = 1
+
   @nn.compact
   def __call__(self, x, *, train):
-    return layers.batch_norm(train, jnp.float32, name='bn')(nn.Dense(6, name='fc')(x))
+    return layers.batch_norm(train, jnp.float32, name='bn', groups=self.groups)(
+        nn.Dense(6, name='fc')(x))
 
 
 def test_groups_apply_inside_lax_scan_under_jit():
@@ -188,13 +197,12 @@ def test_groups_apply_inside_lax_scan_under_jit():
 
   def scanned(stacked, x):
     def body(h, variables):
-      h, updates = unit.apply(variables, h, train=True, mutable=['batch_stats'])
+      h, updates = _Unit(groups=4).apply(variables, h, train=True, mutable=['batch_stats'])
       return h, updates['batch_stats']
-    with batch_norm.grouped_statistics(8, 2):
-      return jax.lax.scan(body, x, stacked)
+    return jax.lax.scan(body, x, stacked)
 
   out, stats = jax.jit(scanned)(stacked, x)
-  whole_batch = x  # Outside the context: statistics over all 8 images.
+  whole_batch = x  # One group: statistics over all 8 images.
   for i in range(3):
     variables = jax.tree.map(lambda a: a[i], stacked)
     whole_batch, _ = unit.apply(variables, whole_batch, train=True, mutable=['batch_stats'])
@@ -235,13 +243,17 @@ def test_sharded_groups_equal_unsharded(group_size):
 
 def test_bad_groups_fail_clearly():
   with pytest.raises(ValueError, match='bn_group_size=3 does not divide the batch of 8'):
-    with batch_norm.grouped_statistics(8, 3):
-      pass
+    batch_norm.num_groups(8, 3)
   with pytest.raises(ValueError, match='must be >= 0'):
     batch_norm.num_groups(8, -1)
   with pytest.raises(ValueError, match='more than one value per channel'):
     _train(_variables(3), jnp.ones((4, 3)), 4, 1)  # One value per channel and group.
-  assert batch_norm.current_num_groups() == 1  # Contexts left cleanly.
+  model = repmlp_jax.create_model('_RepMLPNet-Tiny', num_classes=5)
+  with pytest.raises(ValueError, match='bn_group_size=3 does not divide the batch of 4'):
+    jax.eval_shape(functools.partial(model.apply, train=True, bn_group_size=3,
+                                     mutable=['batch_stats']),
+                   jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 32, 32, 3))),
+                   jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.float32))
 
 
 def _batch_norm_count(model, x_shape):
@@ -276,9 +288,11 @@ def test_every_model_family_uses_the_package_batch_norm(name, size):
 @pytest.mark.parametrize('name, size, overrides', [
     ('_RepMLP-ResNet-Tiny', 64, {}),
     ('RepMLP-CIFAR-PureMLP', 32, dict(channels=(8, 8, 16), depths=(1, 1, 1))),
+    ('_RepMLPNet-Tiny', 32, {}),
 ])
 def test_grouped_forward_equals_one_forward_per_group(name, size, overrides):
-  """Every BatchNorm of the v1 families (RepMLP with its windows, ResNet) groups whole images."""
+  """Every BatchNorm of every family (windows, partition rows, one-window maps) groups whole
+  images, given the group size when the model is called."""
   with jax.enable_x64(True):
     model = repmlp_jax.create_model(name, num_classes=5, dtype=jnp.float64, **overrides)
     x = jnp.asarray(_x((4, size, size, 3)))
@@ -286,8 +300,8 @@ def test_grouped_forward_equals_one_forward_per_group(name, size, overrides):
 
     @functools.partial(jax.jit, static_argnums=2)
     def forward(variables, x, group_size):
-      with batch_norm.grouped_statistics(x.shape[0], group_size):
-        return model.apply(variables, x, train=True, mutable=['batch_stats'])
+      return model.apply(variables, x, train=True, bn_group_size=group_size,
+                         mutable=['batch_stats'])
 
     logits, updates = forward(variables, x, 2)
     halves = [forward(variables, part, 0) for part in jnp.split(x, 2)]

@@ -77,33 +77,33 @@ def test_reparam_tool_on_a_pytorch_file(tmp_path, torch_model, training_file):
                          tc.flax_logits(model, variables, x), rounding.tolerance(torch_model, x))
   # A deploy-form input has nothing left to re-parameterize: refused, nothing written.
   code = convert.main(['reparam', str(out), str(tmp_path / 'twice')])
-  assert code == 1 and not (tmp_path / 'twice').exists()
+  assert code == 2 and not (tmp_path / 'twice').exists()
 
 
 def test_errors_write_nothing(tmp_path, training_file, capsys):
   before = _listing(tmp_path)
-  # Key mismatch: the wrong variant named.
-  assert convert.main(['import', str(training_file), str(tmp_path / 'a'), '--model', 'b224']) == 1
+  # Key mismatch: the wrong variant named. Each is a usage error (status 2).
+  assert convert.main(['import', str(training_file), str(tmp_path / 'a'), '--model', 'b224']) == 2
   err = capsys.readouterr().err
   assert 'missing key(s)' in err and 'expected shape' in err
   # A file that would run code.
   evil = tmp_path / 'evil.pth'
   torch.save({'model': {}, 'x': _Payload(tmp_path / 'code_ran')}, evil)
-  assert convert.main(['import', str(evil), str(tmp_path / 'b')]) == 1
+  assert convert.main(['import', str(evil), str(tmp_path / 'b')]) == 2
   assert 'refused' in capsys.readouterr().err
   assert not (tmp_path / 'code_ran').exists()
   # A truncated file.
   cut = tmp_path / 'cut.pth'
   cut.write_bytes(training_file.read_bytes()[:4096])
-  assert convert.main(['import', str(cut), str(tmp_path / 'c')]) == 1
+  assert convert.main(['import', str(cut), str(tmp_path / 'c')]) == 2
   assert 'truncated' in capsys.readouterr().err
   # Contradictory flags.
   assert convert.main(['import', str(training_file), str(tmp_path / 'd'), '--deploy', '--reparam',
-                       str(tmp_path / 'e')]) == 1
+                       str(tmp_path / 'e')]) == 2
   assert 'Use one of them' in capsys.readouterr().err
   # An existing output is never replaced.
   (tmp_path / 'taken').mkdir()
-  assert convert.main(['import', str(training_file), str(tmp_path / 'taken')]) == 1
+  assert convert.main(['import', str(training_file), str(tmp_path / 'taken')]) == 2
   assert 'already exists' in capsys.readouterr().err
   assert _listing(tmp_path / 'taken') == []
   assert _listing(tmp_path) == sorted(before + ['cut.pth', 'evil.pth', 'taken'])

@@ -55,5 +55,9 @@ def test_save_refuses_to_overwrite_and_load_errors(predictor, tmp_path):
     export.load_exported(path)
   with pytest.raises(FileNotFoundError, match='No exported model'):
     export.load_exported(tmp_path / 'absent.bin')
-  with pytest.raises(FileNotFoundError, match='does not exist'):
-    export.save_exported(tmp_path / 'no_dir' / 'model.bin', export.export_predictor(predictor))
+  # Missing parents are created, as `mkdir -p` would; a parent that is a file is refused.
+  exported = export.export_predictor(predictor)
+  assert export.save_exported(tmp_path / 'new' / 'dir' / 'model.bin', exported) == str(
+      tmp_path / 'new' / 'dir' / 'model.bin')
+  with pytest.raises(NotADirectoryError, match='is a file'):
+    export.save_exported(path / 'model.bin', exported)

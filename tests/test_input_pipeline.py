@@ -8,8 +8,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from configs import common
 from repmlp_jax.data import input_pipeline
 from repmlp_jax.data import preprocess
+from repmlp_jax.train import experiment
 
 _LOW = -np.array(preprocess.IMAGENET_MEAN) / np.array(preprocess.IMAGENET_STD)
 _HIGH = (1 - np.array(preprocess.IMAGENET_MEAN)) / np.array(preprocess.IMAGENET_STD)
@@ -68,7 +70,9 @@ def _train(name='imagenet2012', **kwargs):
 def test_imagenet_train_batches(fake_imagenet):
   info = input_pipeline.dataset_info('imagenet2012')
   assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (1000, 21, 13)
-  assert info.steps_per_epoch(4) == 5
+  config = common.get_config()
+  config.global_batch_size = 4
+  assert experiment.derive_steps(config, info.num_train_examples).per_epoch == 5
   batches = _take(_train(), 6)  # Crosses into the second epoch (5 steps of 4 of 21).
   for batch in batches:
     assert set(batch) == {'image', 'label'} and batch['label'].dtype == np.int32

@@ -1,5 +1,6 @@
 """The matmul / shifted-sum forms of convolutions equal flax's nn.Conv with the same variables."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -39,8 +40,7 @@ def test_depthwise_conv_gradients_equal_grouped_nn_conv(k, channels):
                       argnums=(0, 1))(variables, x)
 
     got, want = grads(ours), grads(ref)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_conv_bn_uses_the_fast_forms_with_nn_conv_variables():

@@ -17,7 +17,7 @@ import repmlp_jax
 from configs import common
 from configs import digits
 from repmlp_jax import model_io
-from repmlp_jax.train import experiment as steps_lib
+from repmlp_jax.train import experiment
 from repmlp_jax.train import sharding
 from repmlp_jax.train import trainer
 from tests import fast_init
@@ -45,13 +45,13 @@ def tiny_config(**overrides):
   return config
 
 
-def tiny_steps() -> steps_lib.Steps:
-  return steps_lib.Steps(per_epoch=2, total=10, warmup=2, eval_every=10, checkpoint_every=10,
+def tiny_steps() -> experiment.Steps:
+  return experiment.Steps(per_epoch=2, total=10, warmup=2, eval_every=10, checkpoint_every=10,
                          log_every=1)
 
 
-def one_device_experiment(config) -> steps_lib.Experiment:
-  return steps_lib.Experiment(config, num_classes=NUM_CLASSES, steps=tiny_steps(),
+def one_device_experiment(config) -> experiment.Experiment:
+  return experiment.Experiment(config, num_classes=NUM_CLASSES, steps=tiny_steps(),
                               mesh=sharding.create_mesh(jax.devices()[:1]))
 
 
@@ -165,7 +165,7 @@ def test_precision_reaches_every_dot_and_convolution(name, setting):
 
 def test_precision_and_dtype_settings_are_checked():
   config = tiny_config(precision='highest', dtype='bfloat16')
-  model = steps_lib.build_model(config, NUM_CLASSES)
+  model = experiment.build_model(config, NUM_CLASSES)
   assert (model.precision, model.dtype) == (jax.lax.Precision.HIGHEST, jnp.bfloat16)
   assert repmlp_jax.create_model(TINY, precision='default').precision is None
   with pytest.raises(ValueError, match="Unknown precision 'fastest'.*default, high, highest"):
@@ -223,7 +223,7 @@ def test_wrong_grad_accum_steps_fail_before_compiling():
                                        'of 16'):
     one_device_experiment(tiny_config(grad_accum_steps=3))
   with pytest.raises(ValueError, match='per-device batch of 2 .* over 8 devices'):
-    steps_lib.Experiment(tiny_config(grad_accum_steps=4), num_classes=NUM_CLASSES,
+    experiment.Experiment(tiny_config(grad_accum_steps=4), num_classes=NUM_CLASSES,
                          steps=tiny_steps())  # Every device: 16 / 8 = 2 examples each.
 
 

@@ -1,7 +1,8 @@
-"""Shapes, parameter counts, names and input checks of the RepMLPNet models."""
+"""Shapes, parameter counts, names and input checks of the RepMLPNet factory."""
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 import repmlp_jax
 from repmlp_jax import model_io
-from repmlp_jax.models import factory as models
+from repmlp_jax.models import factory
 from tests import fast_init
 
 TINY = '_RepMLPNet-Tiny'
@@ -117,16 +118,23 @@ def test_train_mode_updates_batch_stats():
 
 def test_model_spec_round_trip_and_checkpoint(tmp_path):
   model = repmlp_jax.create_model(TINY, num_classes=3, precision=jax.lax.Precision.HIGHEST)
-  assert models.model_from_spec(models.model_spec(model)) == model
+  assert factory.model_from_spec(factory.model_spec(model)) == model
   variables = fast_init.random_variables(model, (1, 32, 32, 3))
   model_io.save_model(tmp_path / 'ckpt', model, variables)
   loaded_model, loaded = model_io.load_model(tmp_path / 'ckpt')
   assert loaded_model == model
-  jax.tree.map(np.testing.assert_array_equal, variables, loaded)
+  chex.assert_trees_all_equal(variables, loaded)
   with pytest.raises(FileExistsError, match='already exists'):
     model_io.save_model(tmp_path / 'ckpt', model, variables)
   with pytest.raises(ValueError, match='do not belong'):
     model_io.save_model(tmp_path / 'other', model.clone(deploy=True), variables)
   assert not (tmp_path / 'other').exists()
-  with pytest.raises(FileNotFoundError, match='No model checkpoint'):
+  with pytest.raises(FileNotFoundError, match='No model at'):
     model_io.load_model(tmp_path / 'missing')
+
+
+def test_specs_of_older_checkpoints_with_a_retired_setting_still_load():
+  model = repmlp_jax.create_model(TINY, num_classes=3)
+  spec = factory.model_spec(model)
+  spec['settings']['jit_units'] = True  # What checkpoints written before its removal hold.
+  assert factory.model_from_spec(spec) == model

@@ -88,6 +88,6 @@ def test_convert_onnx_from_a_hub_directory(tmp_path, capsys):
   assert difference <= TOLERANCE
   # An existing output: one error, the file untouched.
   before = out.read_bytes()
-  assert convert.main(['onnx', pretrained, str(out)]) == 1
+  assert convert.main(['onnx', pretrained, str(out)]) == 2  # A usage error.
   assert 'already exists' in capsys.readouterr().err
   assert out.read_bytes() == before

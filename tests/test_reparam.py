@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,8 +98,7 @@ def test_deploy_model_init_matches_reparam_structure():
   deploy_vars = jax.eval_shape(functools.partial(rp_deploy.reparam_variables, model),
                                model_io.abstract_variables(model))
   expected = model_io.abstract_variables(deploy_model)
-  assert jax.tree.structure(deploy_vars) == jax.tree.structure(expected)
-  jax.tree.map(lambda a, b: np.testing.assert_equal(a.shape, b.shape), deploy_vars, expected)
+  chex.assert_trees_all_equal_shapes(deploy_vars, expected)
   block = expected['params']['stages_1_0']['repmlp_block']
   assert set(block) == {'gp', 'fc3', 'fc3_bias'}
   assert 'bn' not in expected['params']['conv_embedding']
@@ -125,14 +125,21 @@ def test_reparam_equivalence_float64():
     assert helpers.relative_error(y_train, y_deploy) <= 1e-10
 
 
+def test_reparam_refuses_variables_of_another_model():
+  model = repmlp_jax.create_model(TINY, num_classes=10)
+  _, variables = _tiny_variables(model.clone(num_classes=7))
+  with pytest.raises(ValueError, match=r"do not fit this RepMLPNet.*'params/head/bias'"):
+    repmlp_jax.reparam(model, variables)  # Would give a 7-class head to a 10-class model.
+
+
 def test_reparam_is_pure_and_jittable():
   model = repmlp_jax.create_model(TINY, num_classes=10)
   x, variables = _tiny_variables(model, seed=7)
   snapshot = jax.tree.map(np.array, variables)
   eager = repmlp_jax.reparam_variables(model, variables)
   jitted = jax.jit(functools.partial(repmlp_jax.reparam_variables, model))(variables)
-  jax.tree.map(np.testing.assert_array_equal, snapshot, variables)  # input untouched
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), eager, jitted)
+  chex.assert_trees_all_equal(snapshot, variables)  # input untouched
+  chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-6)
   deploy_model = model.clone(deploy=True)
   y_train = jax.jit(model.apply)(variables, x)
   err = helpers.relative_error(y_train, jax.jit(deploy_model.apply)(jitted, x))

@@ -10,6 +10,7 @@
 
 import types
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,8 +69,7 @@ def test_v1_rules_apply_to_their_own_subtrees():
       'stage0_0': {'repmlp': rp_resnet.fuse_repmlp(repmlp['params'], repmlp['batch_stats'], 4, 4),
                    'shortcut': fusion.fuse_conv_bn(shortcut, shortcut_stats)},
       'linear': linear}}
-  assert jax.tree.structure(got) == jax.tree.structure(expected)
-  jax.tree.map(np.testing.assert_array_equal, got, expected)
+  chex.assert_trees_all_equal(got, expected)
   assert set(got['params']['stage0_0']['repmlp']) == {'fc1_fc2', 'fc3', 'fc3_bias'}
 
 

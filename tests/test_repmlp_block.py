@@ -64,28 +64,32 @@ def test_conv_to_fc_grouped_by_hand():
 def test_conv_to_fc_grouped_matches_the_convolution():
   c, o, g, h, w = 4, 6, 2, 3, 5
   rng = np.random.default_rng(0)
-  kernel = jnp.asarray(rng.normal(size=(3, 3, c // g, o)), jnp.float32)
-  x = jnp.asarray(rng.normal(size=(7, h, w, c)), jnp.float32)
-  conv = jax.lax.conv_general_dilated(x, kernel, (1, 1), [(1, 1)] * 2,
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                      feature_group_count=g, precision='highest')
-  fc = rp.conv_to_fc(kernel, h, w, groups=g)  # (g, C/g*h*w, O/g*h*w)
-  rows = x.transpose(0, 3, 1, 2).reshape(7, g, c // g * h * w)
-  via_fc = jnp.einsum('ngp,gpq->ngq', rows, fc, precision='highest')
-  np.testing.assert_allclose(via_fc.reshape(7, o, h, w), conv.transpose(0, 3, 1, 2), atol=1e-5)
+  with jax.enable_x64(True):  # Exact up to float64 rounding: the FC is the convolution.
+    kernel = jnp.asarray(rng.normal(size=(3, 3, c // g, o)), jnp.float64)
+    x = jnp.asarray(rng.normal(size=(7, h, w, c)), jnp.float64)
+    conv = jax.lax.conv_general_dilated(x, kernel, (1, 1), [(1, 1)] * 2,
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                        feature_group_count=g, precision='highest')
+    fc = rp.conv_to_fc(kernel, h, w, groups=g)  # (g, C/g*h*w, O/g*h*w)
+    rows = x.transpose(0, 3, 1, 2).reshape(7, g, c // g * h * w)
+    via_fc = jnp.einsum('ngp,gpq->ngq', rows, fc, precision='highest')
+    assert fc.dtype == jnp.float64
+    assert helpers.relative_error(conv.transpose(0, 3, 1, 2), via_fc.reshape(7, o, h, w)) <= 1e-10
 
 
 def test_fuse_avg_bn_into_fc1_by_hand():
   # C = 2 channels, hp*wp = 2 partitions: fc1 inputs are (c0 p0, c0 p1, c1 p0, c1 p1).
-  fc1 = {'kernel': jnp.arange(8.0).reshape(4, 2), 'bias': jnp.array([1.0, -1.0])}
-  bn = {'scale': jnp.array([2.0, 0.5]), 'bias': jnp.array([1.0, 0.0])}
-  stats = {'mean': jnp.array([0.0, 2.0]), 'var': jnp.array([1.0, 1.0]) - 1e-5}
-  fused = rpr.fuse_avg_bn_into_fc1(fc1, bn, stats)  # BN: c0 -> 2v + 1, c1 -> 0.5v - 1
-  v = jnp.array([[1.0, 2.0, 3.0, 4.0]])
-  bn_v = jnp.array([[3.0, 5.0, 0.5, 1.0]])
-  np.testing.assert_allclose(v @ fused['kernel'] + fused['bias'],
-                             bn_v @ fc1['kernel'] + fc1['bias'], rtol=1e-5)
-  np.testing.assert_allclose(fused['kernel'][:2], 2 * fc1['kernel'][:2], rtol=1e-5)
+  with jax.enable_x64(True):  # var + eps == 1 up to float64 rounding: the values are exact.
+    fc1 = {'kernel': jnp.arange(8.0).reshape(4, 2), 'bias': jnp.array([1.0, -1.0])}
+    bn = {'scale': jnp.array([2.0, 0.5]), 'bias': jnp.array([1.0, 0.0])}
+    stats = {'mean': jnp.array([0.0, 2.0]), 'var': jnp.array([1.0, 1.0]) - 1e-5}
+    fused = rpr.fuse_avg_bn_into_fc1(fc1, bn, stats)  # BN: c0 -> 2v + 1, c1 -> 0.5v - 1
+    v = jnp.array([[1.0, 2.0, 3.0, 4.0]])
+    bn_v = jnp.array([[3.0, 5.0, 0.5, 1.0]])
+    assert fused['kernel'].dtype == jnp.float64
+    assert helpers.relative_error(bn_v @ fc1['kernel'] + fc1['bias'],
+                                  v @ fused['kernel'] + fused['bias']) <= 1e-10
+    assert helpers.relative_error(2 * fc1['kernel'][:2], fused['kernel'][:2]) <= 1e-10
 
 
 @pytest.mark.parametrize('name', sorted(CONFIGS))

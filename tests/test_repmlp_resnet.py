@@ -6,6 +6,7 @@ PyTorch golden test (tests/test_torch_keys_resnet.py), which needs the same two 
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 
 import repmlp_jax
 from repmlp_jax import model_io
-from repmlp_jax.models import factory as models
+from repmlp_jax.models import factory
 from repmlp_jax import report
 from tests import fast_init
 from tests import helpers
@@ -56,16 +57,15 @@ def test_reparam_gives_the_deploy_models_variables(name):
   deploy_vars = jax.eval_shape(functools.partial(repmlp_jax.reparam_variables, model),
                                model_io.abstract_variables(model))
   expected = model_io.abstract_variables(model.clone(deploy=True))
-  assert jax.tree.structure(deploy_vars) == jax.tree.structure(expected)
-  jax.tree.map(lambda a, b: np.testing.assert_equal(a.shape, b.shape), deploy_vars, expected)
+  chex.assert_trees_all_equal_shapes(deploy_vars, expected)
   assert 'batch_stats' not in expected  # Every BatchNorm is folded.
 
 
 def test_names_resolve_and_aliases_are_unambiguous():
   assert sorted(repmlp_jax.available_models()) == sorted(
-      [n for n in models.MODELS if not n.startswith('_')])
+      [n for n in factory.MODELS if not n.startswith('_')])
   assert set(V1_MODELS) <= set(repmlp_jax.available_models())
-  for name in models.MODELS:
+  for name in factory.MODELS:
     short = name.lstrip('_').partition('-')[2]
     assert repmlp_jax.resolve_name(name) == name
     assert repmlp_jax.resolve_name(short) == name, (short, name)  # no two names share one
@@ -122,7 +122,7 @@ def test_tiny_features_train_mode_and_spec():
       variables, x)
   fc3_bn_mean = lambda v: v['batch_stats']['stage2_1']['btnk_repmlp']['fc3_bn']['mean']
   assert not np.allclose(fc3_bn_mean(variables), fc3_bn_mean(updates))
-  assert models.model_from_spec(models.model_spec(model)) == model
+  assert factory.model_from_spec(factory.model_spec(model)) == model
 
 
 @pytest.mark.parametrize('name, shape, message', [

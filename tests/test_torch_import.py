@@ -12,7 +12,7 @@ import torch
 
 import repmlp_jax
 from repmlp_jax.models import repmlpnet
-from repmlp_jax.pytorch import mapping as state_dict_mapping
+from repmlp_jax.pytorch import mapping
 from repmlp_jax.pytorch import importer as torch_import
 from repmlp_jax.pytorch import keys_repmlpnet as keys
 from repmlp_jax.models.factory import create_model
@@ -131,7 +131,7 @@ def test_key_mismatch_is_reported_in_full():
   del sd['embeds.0.bn.weight']
   sd['stages.0.0.repmlp_block.extra.weight'] = np.zeros(3, np.float32)
   sd['head.bias'] = np.zeros(11, np.float32)
-  with pytest.raises(state_dict_mapping.KeyMismatchError) as info:
+  with pytest.raises(mapping.KeyMismatchError) as info:
     repmlp_jax.load_torch(sd)
   err = info.value
   assert sorted(err.missing) == ['embeds.0.bn.weight', 'stages.1.0.prebn2.running_var']
@@ -143,7 +143,7 @@ def test_key_mismatch_is_reported_in_full():
 
 def test_wrong_name_is_reported_in_full():
   sd = tc.tiny_torch_model().state_dict()
-  with pytest.raises(state_dict_mapping.KeyMismatchError) as info:
+  with pytest.raises(mapping.KeyMismatchError) as info:
     repmlp_jax.load_torch(sd, 'b224')
   err = info.value
   assert 'stages.2.11.prebn1.weight' in err.missing  # B224's third stage has 12 blocks.

@@ -7,7 +7,9 @@ conversion. Round trips are exact; detect() names the variant from shapes alone.
 """
 
 import functools
+import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,7 @@ import torch
 
 import repmlp_jax
 from repmlp_jax import model_io
-from repmlp_jax.pytorch import mapping as state_dict_mapping
+from repmlp_jax.pytorch import mapping
 from repmlp_jax.pytorch import keys_resnet as tk
 from tests import helpers
 from tests import rounding
@@ -49,7 +51,7 @@ def _assert_round_trips(sd, variables, model):
   for key, value in sd.items():
     np.testing.assert_array_equal(back[key], value, err_msg=key)
   again = tk.variables_from_torch(back, model)
-  jax.tree.map(np.testing.assert_array_equal, again, variables)
+  chex.assert_trees_all_equal(again, variables)
 
 
 @pytest.mark.parametrize('kind', ['light', 'bottleneck', 'plain'])
@@ -158,6 +160,52 @@ def test_detect_refuses_other_checkpoints():
     tk.detect(repmlpnet.state_dict())
 
 
+def test_detect_reads_a_small_model_and_its_global_perceptron_reduction():
+  # Stages of 1 and 2 blocks (the fewest a RepMLP stage can have) and a reduction of 4.
+  with torch.device('meta'):
+    reference = tr.RepMLPResNet('light', **{**TINY, 'fc1_fc2_reduction': 4})
+  name, overrides, deploy = tk.detect(reference.state_dict())
+  assert (name, deploy) == ('RepMLP-ResNet50-Light', False)
+  assert overrides['depths'] == (1, 2, 2, 1) and overrides['fc1_fc2_reduction'] == 4
+  model = repmlp_jax.create_model(name, deploy=deploy, **overrides)
+  tk.variables_from_torch(_numpy_meta(reference.state_dict()), model)  # Fits every key.
+
+
+def _numpy_meta(sd):
+  return {k: np.zeros(v.shape, np.float32) for k, v in sd.items()}
+
+
+def _without(sd, prefix):
+  return {k: v for k, v in sd.items() if not k.startswith(prefix)}
+
+
+def _renumbered(sd, old, new):
+  return {(new + k[len(old):] if k.startswith(old) else k): v for k, v in sd.items()}
+
+
+def test_detect_refuses_inconsistent_state_dicts():
+  with torch.device('meta'):
+    sd = dict(tr.RepMLPResNet('light', **TINY).state_dict())
+  first = list(sd)[:4]
+  fc1 = 'stage3.1.light_repmlp.fc1_fc2.fc1.weight'  # (hidden, C * hp * wp)
+  wider = {**sd, fc1: torch.empty((sd[fc1].shape[0], 4 * sd[fc1].shape[1]), device='meta')}
+  family = r'RepMLP-ResNet / ResNet-50 \(v1 keys\)'
+  cases = [
+      (_without(sd, 'linear.'), re.escape(f'no stage0.0.conv.weight / linear.weight (first '
+                                          f'keys: {first}).')),
+      (_renumbered(sd, 'stage1.0.', 'stage1.5.'), r'blocks of stage1 are not numbered 0..n-1 '
+                                                   r'\(\[5\]\)'),
+      (_without(sd, 'stage2.1.'), 'a light model needs RepMLP blocks in stage2 and stage3'),
+      (_without(sd, 'stage3.1.'), 'a light model needs RepMLP blocks in stage2 and stage3'),
+      # Stage 3's partition grid twice as wide: it implies a 128-pixel input, stage 2 a 64.
+      (wider, r'disagree on the partition \(2 vs 2\) or the input size \(64 vs 128\)'),
+      (_without(sd, 'stage2.0.conv3.'), "has no 'stage2.0.conv3.conv.weight', which its other"),
+  ]
+  for state_dict, message in cases:
+    with pytest.raises(mapping.DetectionError, match=f'^(Not a )?{family}.*{message}'):
+      tk.detect(state_dict)
+
+
 def test_every_key_problem_is_reported_at_once():
   reference = tr.RepMLPResNet('light', **TINY)
   sd = _numpy(reference.state_dict())
@@ -165,14 +213,14 @@ def test_every_key_problem_is_reported_at_once():
   sd['stage4.0.extra.weight'] = np.zeros(3, np.float32)
   sd['linear.weight'] = np.zeros((7, 256), np.float32)
   model = repmlp_jax.create_model('_RepMLP-ResNet-Tiny', num_classes=10)
-  with pytest.raises(state_dict_mapping.KeyMismatchError) as info:
+  with pytest.raises(mapping.KeyMismatchError) as info:
     tk.variables_from_torch(sd, model)
   error = info.value
   assert error.missing == ['stage2.1.light_repmlp.fc3.weight']
   assert error.unexpected == ['stage4.0.extra.weight']
   assert error.misshaped == [('linear.weight', (10, 256), (7, 256))]
   deploy_sd = _numpy(tr.deploy_state_dict(reference))
-  with pytest.raises(state_dict_mapping.KeyMismatchError, match='training or the deploy form'):
+  with pytest.raises(mapping.KeyMismatchError, match='training or the deploy form'):
     tk.variables_from_torch(deploy_sd, model)
 
 

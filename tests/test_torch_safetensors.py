@@ -110,13 +110,13 @@ def test_convert_import_and_export_in_the_hub_layout(tmp_path, capsys):
   before = sorted(os.listdir(tmp_path))
   cut = tmp_path / 'cut.safetensors'
   cut.write_bytes(st.read_bytes()[:1000])
-  assert convert.main(['import', str(cut), str(tmp_path / 'a'), '--format', 'safetensors']) == 1
+  assert convert.main(['import', str(cut), str(tmp_path / 'a'), '--format', 'safetensors']) == 2
   assert 'truncated' in capsys.readouterr().err
   assert convert.main(['export', str(tmp_path / 'orbax'), str(out), '--format',
-                       'safetensors']) == 1
+                       'safetensors']) == 2
   assert 'already exists' in capsys.readouterr().err
   assert convert.main(['import', str(st), str(tmp_path / 'b'), '--format', 'safetensors',
-                       '--overwrite']) == 1
+                       '--overwrite']) == 2
   assert 'never replaced' in capsys.readouterr().err
   assert sorted(os.listdir(tmp_path)) == sorted(before + ['cut.safetensors'])
   assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors']

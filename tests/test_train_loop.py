@@ -1,7 +1,7 @@
 """train_and_evaluate end to end: tfds mock data, the embedded digits default, interrupt and
 resume, the NaN guard, and the errors a user meets first.
 
-The digits runs share one config, so they reuse one compiled Experiment (Experiment.cached).
+The digits runs share one config, so they reuse one compiled Experiment (passed as `exp`).
 Interrupt-and-resume is compared bitwise: the same programs on the same inputs on one machine.
 """
 
@@ -9,36 +9,23 @@ import glob
 import json
 import os
 
+import chex
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from configs import common
-from configs import digits
 from repmlp_jax.train import checkpointing
-from repmlp_jax.data import input_pipeline
 from repmlp_jax import model_io
-from repmlp_jax.train import experiment as steps_lib
 from repmlp_jax.train import trainer
+from tests import digits_run
 
-TOTAL_STEPS = 4
-
-
-def digits_config():
-  config = digits.get_config()
-  config.num_train_steps = TOTAL_STEPS
-  config.eval_every_epochs = 100.0  # Evaluate at the end only.
-  config.checkpoint_every_steps = 2
-  config.log_every_steps = 1
-  config.profile_steps = '2,3'  # A two-step jax.profiler trace (resumed runs start past it).
-  return config
+TOTAL_STEPS = digits_run.TOTAL_STEPS
+digits_config = digits_run.config
 
 
-def restore_final_state(config, workdir, step):
-  info = input_pipeline.dataset_info(config.dataset)
-  exp = steps_lib.Experiment.cached(config, num_classes=info.num_classes,
-                                    steps=steps_lib.derive_steps(config, info.num_train_examples))
+def restore_final_state(exp, workdir, step):
   ckpts = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'))
   try:
     return jax.device_get(ckpts.restore(exp.abstract_state, step))
@@ -52,9 +39,14 @@ def read_jsonl(workdir):
 
 
 @pytest.fixture(scope='module')
-def uninterrupted(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('digits_uninterrupted'))
-  return workdir, trainer.train_and_evaluate(digits_config(), workdir)
+def digits_experiment():
+  return digits_run.experiment()
+
+
+@pytest.fixture(scope='module')
+def uninterrupted():
+  run = digits_run.run()  # The run other test files read too: trained once per process.
+  return run.workdir, run.result
 
 
 def test_digits_default_runs_and_writes_everything(uninterrupted):
@@ -75,24 +67,25 @@ def test_digits_default_runs_and_writes_everything(uninterrupted):
   assert model.deploy and 'fc3_bias' in variables['params']['stages_0_0']['repmlp_block']
 
 
-def test_interrupt_and_resume_equals_uninterrupted(uninterrupted, tmp_path, monkeypatch):
+def test_interrupt_and_resume_equals_uninterrupted(uninterrupted, digits_experiment, tmp_path,
+                                                    monkeypatch):
   reference_dir, reference = uninterrupted
   workdir = str(tmp_path)
   config = digits_config()
   with monkeypatch.context() as m:  # A preemption notice arrives at step 2.
     m.setattr(checkpointing.Checkpoints, 'reached_preemption', lambda self, step: step == 2)
-    stopped = trainer.train_and_evaluate(config, workdir)
+    stopped = trainer.train_and_evaluate(config, workdir, exp=digits_experiment)
   assert stopped == {'step': 2, 'preempted': True}
   assert not os.path.exists(os.path.join(workdir, 'deploy'))
-  resumed = trainer.train_and_evaluate(config, workdir)
+  resumed = trainer.train_and_evaluate(config, workdir, exp=digits_experiment)
   assert resumed == reference
-  expected = restore_final_state(config, reference_dir, TOTAL_STEPS)
-  got = restore_final_state(config, workdir, TOTAL_STEPS)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(got)):
-    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  expected = restore_final_state(digits_experiment, reference_dir, TOTAL_STEPS)
+  got = restore_final_state(digits_experiment, workdir, TOTAL_STEPS)
+  chex.assert_trees_all_equal(expected, got)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits_experiment, tmp_path,
+                                                            monkeypatch):
   original = trainer._train_batches
 
   def poisoned(config, start_step):  # The third batch (step 3) holds a NaN pixel.
@@ -104,10 +97,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
   monkeypatch.setattr(trainer, '_train_batches', poisoned)
   with pytest.raises(FloatingPointError, match=r'loss became nan at step 3.*step 2\)'):
-    trainer.train_and_evaluate(digits_config(), str(tmp_path))
+    trainer.train_and_evaluate(digits_config(), str(tmp_path), exp=digits_experiment)
   assert os.listdir(tmp_path / 'checkpoints') == ['2']
-  state = restore_final_state(digits_config(), str(tmp_path), 2)
+  state = restore_final_state(digits_experiment, str(tmp_path), 2)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state['params']))
+
+
+def test_an_experiment_of_another_config_is_refused(digits_experiment, tmp_path):
+  config = digits_config()
+  config.seed += 1  # Would train other weights than the compiled functions' config.
+  with pytest.raises(ValueError, match='built from another config'):
+    trainer.train_and_evaluate(config, str(tmp_path / 'work'), exp=digits_experiment)
+  assert not os.listdir(tmp_path / 'work')  # Refused before anything was written.
 
 
 def test_stop_request_on_sigterm():

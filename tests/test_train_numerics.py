@@ -18,7 +18,7 @@ import torch
 
 import repmlp_jax
 from repmlp_jax.pytorch import keys_repmlpnet as keys
-from repmlp_jax.train import experiment as steps_lib
+from repmlp_jax.train import experiment
 from repmlp_jax.train import optim
 from repmlp_jax.train import sharding
 from tests import helpers
@@ -70,7 +70,7 @@ def test_train_mode_forward_and_batch_means_match_pytorch():
 def _exp():
   """Label smoothing without mixup (soft targets of a known form) and an EMA, on one device."""
   config = ts.tiny_config(label_smoothing=0.1, mixup_alpha=0.0, cutmix_alpha=0.0, ema_decay=0.5)
-  return steps_lib.Experiment(config, num_classes=ts.NUM_CLASSES, steps=ts.tiny_steps(),
+  return experiment.Experiment(config, num_classes=ts.NUM_CLASSES, steps=ts.tiny_steps(),
                               mesh=sharding.create_mesh(jax.devices()[:1]))
 
 

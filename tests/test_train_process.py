@@ -15,13 +15,12 @@ import subprocess
 import sys
 import time
 
-import jax
-import numpy as np
+import chex
 
 from configs import digits
 from repmlp_jax import model_io
 from repmlp_jax.data import input_pipeline
-from repmlp_jax.train import experiment as steps_lib
+from repmlp_jax.train import experiment
 from repmlp_jax.train import trainer
 from tests import fast_init
 from tests import test_train_loop as tl
@@ -95,13 +94,13 @@ def test_sigterm_to_train_py_checkpoints_and_resumes_exactly(tmp_path):
     out = process.communicate(timeout=900)[0]
     assert process.returncode == 0, out[-3000:]
   # Bit-identical: final state, deploy model, final evaluation.
-  got = tl.restore_final_state(_config(), stopped_dir, STEPS)
-  want = tl.restore_final_state(_config(), reference_dir, STEPS)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
-    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  exp = trainer.build_experiment(_config())
+  got = tl.restore_final_state(exp, stopped_dir, STEPS)
+  want = tl.restore_final_state(exp, reference_dir, STEPS)
+  chex.assert_trees_all_equal(want, got)
   deploy = [model_io.load_model(os.path.join(d, 'deploy')) for d in (stopped_dir, reference_dir)]
   assert deploy[0][0] == deploy[1][0]
-  jax.tree.map(np.testing.assert_array_equal, deploy[0][1], deploy[1][1])
+  chex.assert_trees_all_equal(deploy[0][1], deploy[1][1])
   evals = [[r for r in tl.read_jsonl(d) if 'eval/top1' in r] for d in (stopped_dir, reference_dir)]
   assert evals[0] == evals[1] and evals[0][-1]['step'] == STEPS
 
@@ -113,14 +112,12 @@ def test_init_from_loads_the_saved_weights_through_train_and_evaluate(tmp_path):
   config.base_lr = config.warmup_lr = config.min_lr = 0.0  # The weights stay as loaded.
   config.eval_every_epochs = 1000.0
   info = input_pipeline.dataset_info(config.dataset)
-  model = steps_lib.build_model(config, info.num_classes)
+  model = experiment.build_model(config, info.num_classes)
   variables = fast_init.random_variables(model, (1, 32, 32, 3), seed=7)
   model_io.save_model(tmp_path / 'pretrained', model, variables)
   config.init_from = str(tmp_path / 'pretrained')
   result = trainer.train_and_evaluate(config, str(tmp_path / 'work'))
   assert result['step'] == 1
-  state = tl.restore_final_state(config, str(tmp_path / 'work'), 1)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(variables['params']),
-                          jax.tree.leaves(state['params'])):
-    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  state = tl.restore_final_state(trainer.build_experiment(config), str(tmp_path / 'work'), 1)
+  chex.assert_trees_all_equal(variables['params'], state['params'])
   assert int(state['step']) == 1

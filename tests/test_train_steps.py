@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ from configs import imagenet_t256
 from repmlp_jax import model_io
 from repmlp_jax.train import optim
 from repmlp_jax.train import sharding
-from repmlp_jax.train import experiment as steps_lib
+from repmlp_jax.train import experiment
 from repmlp_jax.train import trainer
 from tests import devices
 
@@ -58,8 +59,8 @@ def tiny_config(**overrides):
   return config
 
 
-def tiny_steps() -> steps_lib.Steps:
-  return steps_lib.Steps(per_epoch=2, total=10, warmup=2, eval_every=10, checkpoint_every=10,
+def tiny_steps() -> experiment.Steps:
+  return experiment.Steps(per_epoch=2, total=10, warmup=2, eval_every=10, checkpoint_every=10,
                          log_every=1)
 
 
@@ -72,7 +73,7 @@ def global_batches(num_steps: int = NUM_STEPS, seed: int = 0):
 
 def run_steps(config, devices, batches):
   """Trains on `batches` with a mesh over `devices`; returns (losses, final state on host)."""
-  exp = steps_lib.Experiment(config, num_classes=NUM_CLASSES, steps=tiny_steps(),
+  exp = experiment.Experiment(config, num_classes=NUM_CLASSES, steps=tiny_steps(),
                              mesh=sharding.create_mesh(devices))
   state = exp.init_state()
   losses, params = [], [jax.device_get(state['params'])]
@@ -100,7 +101,7 @@ def assert_states_close(a, b):
                                     imagenet_d256, imagenet_l256, finetune_b224, digits])
 def test_configs_build_their_model(module):
   config = module.get_config()
-  model = steps_lib.build_model(config, 1000)  # Resolves the name; checks the image sizes.
+  model = experiment.build_model(config, 1000)  # Resolves the name; checks the image sizes.
   assert config.image_size % model.input_multiple == 0
   if module.__name__.startswith('configs.imagenet'):
     recipe = (config.global_batch_size, config.num_epochs, config.warmup_epochs, config.base_lr,
@@ -125,7 +126,7 @@ def test_schedule_warmup_then_cosine():
 
 def test_weight_decay_only_on_kernels():
   config = tiny_config()
-  exp = steps_lib.Experiment(config, num_classes=NUM_CLASSES, steps=tiny_steps())
+  exp = experiment.Experiment(config, num_classes=NUM_CLASSES, steps=tiny_steps())
   mask = optim.decay_mask(exp.abstract_state['params'])
   unit = mask['stages_0_0']
   assert unit['repmlp_block']['fc3'] and unit['ffn_block']['ffn_fc1']['conv']['kernel']
@@ -144,19 +145,19 @@ def test_fsdp_spec_picks_the_largest_divisible_axis():
 
 def test_derive_steps_converts_epochs_in_one_place():
   config = tiny_config(num_epochs=3.0, warmup_epochs=0.5, eval_every_epochs=1.0)
-  s = steps_lib.derive_steps(config, num_train_examples=100)  # 6 steps of 16 per epoch.
+  s = experiment.derive_steps(config, num_train_examples=100)  # 6 steps of 16 per epoch.
   assert (s.per_epoch, s.total, s.warmup, s.eval_every) == (6, 18, 3, 6)
   config.num_train_steps = 5
-  assert steps_lib.derive_steps(config, 100).total == 5
+  assert experiment.derive_steps(config, 100).total == 5
   with pytest.raises(ValueError, match='exceeds the 10 training examples'):
-    steps_lib.derive_steps(config, 10)
+    experiment.derive_steps(config, 10)
 
 
 def test_unknown_variant_and_bad_image_size_fail_clearly():
   with pytest.raises(ValueError, match="Unknown model 'RepMLPNet-X999'.*Available"):
-    steps_lib.build_model(tiny_config(model='RepMLPNet-X999'), NUM_CLASSES)
+    experiment.build_model(tiny_config(model='RepMLPNet-X999'), NUM_CLASSES)
   with pytest.raises(ValueError, match='image_size=40 .* multiple of 16'):
-    steps_lib.build_model(tiny_config(image_size=40), NUM_CLASSES)
+    experiment.build_model(tiny_config(image_size=40), NUM_CLASSES)
 
 
 @pytest.fixture(scope='module')
@@ -193,8 +194,7 @@ def test_fsdp_shards_large_arrays_and_matches_one_device(one_device):
   expected = state_8['history'][0]
   for params in state_8['history'][1:]:
     expected = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, expected, params)
-  for a, b in zip(jax.tree.leaves(state_8['ema']['params']), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(state_8['ema']['params'], expected, rtol=1e-5, atol=1e-7)
 
 
 def test_load_pretrained_keeps_all_but_a_resized_head(one_device, tmp_path):
@@ -208,9 +208,8 @@ def test_load_pretrained_keeps_all_but_a_resized_head(one_device, tmp_path):
   loaded = jax.device_get(trainer.load_pretrained(exp, exp.init_state(),
                                                   str(tmp_path / 'imported')))
   for collection in ('params', 'batch_stats'):
-    got, want = loaded[collection]['stages_1_0'], trained[collection]['stages_1_0']
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(loaded[collection]['stages_1_0'],
+                                trained[collection]['stages_1_0'])
   np.testing.assert_array_equal(loaded['params']['head']['kernel'],
                                 fresh['params']['head']['kernel'])
   assert int(loaded['step']) == 0

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -174,8 +175,8 @@ def test_bf16_predictor_keeps_batch_norm_statistics_float32(tiny_checkpoint):
                                   reparameterize_model=False)
   stats = jax.tree.leaves(predictor.variables['batch_stats'])
   assert stats and all(s.dtype == jnp.float32 for s in stats)
-  for a, b in zip(stats, jax.tree.leaves(variables['batch_stats'])):
-    np.testing.assert_array_equal(a, b)  # Not rounded through bfloat16 either.
+  # Not rounded through bfloat16 either.
+  chex.assert_trees_all_equal(predictor.variables['batch_stats'], variables['batch_stats'])
   assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(predictor.variables['params']))
   x = np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype(np.float32)
   full = np.asarray(jax.jit(model.apply)(variables, x))

@@ -25,10 +25,10 @@ def main(port: int, process_id: int, out: str) -> None:
                              process_id=process_id, initialization_timeout=120)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from repmlp_jax.train import sharding  # pylint: disable=g-import-not-at-top
-  from repmlp_jax.train import experiment as steps_lib  # pylint: disable=g-import-not-at-top
+  from repmlp_jax.train import experiment  # pylint: disable=g-import-not-at-top
   from tests import test_train_steps as t  # pylint: disable=g-import-not-at-top
 
-  exp = steps_lib.Experiment(t.tiny_config(), num_classes=t.NUM_CLASSES, steps=t.tiny_steps())
+  exp = experiment.Experiment(t.tiny_config(), num_classes=t.NUM_CLASSES, steps=t.tiny_steps())
   state = exp.init_state()
   rows = t.GLOBAL_BATCH // jax.process_count()
   mine = slice(process_id * rows, (process_id + 1) * rows)

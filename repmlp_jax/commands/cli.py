@@ -1,19 +1,15 @@
-"""What the command-line tools share: exit statuses, one-line errors, a quiet TensorFlow start.
+"""What the command-line tools share: exit statuses, one-line errors, quiet library start-up.
 
-Exit statuses of train.py (convert.py and predict.py use 0, 1 and 2 the same way):
-  0   done.
-  1   an error (bad input, damaged or incompatible checkpoints, a full disk): one line on stderr.
-  2   a usage error (unknown flag or config field, missing config file, a config that cannot
-      work as given, e.g. programs that do not fit the TPU chips' memory): one line on stderr.
-  75  stopped on request (SIGTERM, Ctrl-C, a preemption notice) after saving a checkpoint; the
-      same command resumes. 75 is EX_TEMPFAIL of sysexits.h ("temporary failure, retry"), and
-      it is distinct from 143 (128 + SIGTERM: killed before a checkpoint was saved), so a
-      scheduler can requeue on it alone: SLURM `RequeueExit=75` (slurm.conf) or
-      `[ $? -eq 75 ] && scontrol requeue $SLURM_JOB_ID` in the batch script, LSF `bsub -Q 75`,
-      a Kubernetes / JobSet podFailurePolicy rule `onExitCodes: {operator: In, values: [75]}`.
+The exit statuses of train.py, convert.py and predict.py are defined here and documented in the
+README (The commands: exit statuses): 0 done, 1 a failure while working, 2 a usage error, 75
+stopped on request after saving a checkpoint (sysexits.h EX_TEMPFAIL, distinct from 143 = killed
+by SIGTERM before saving, so that a scheduler can requeue on it alone).
+
+This module imports nothing of the package at its top: train.py reads it before jax loads.
 """
 
 import contextlib
+import logging
 import os
 import sys
 from typing import TextIO
@@ -23,14 +19,23 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_STOPPED = 75  # sysexits.h EX_TEMPFAIL.
 
-
-class ConfigError(ValueError):
-  """A config that cannot work as given: the user must change its fields (exit EXIT_USAGE)."""
+# What the user must change (an argument, an input, the model asked for): the library raises
+# these for bad input. Other errors (a failed write, an I/O error, FloatingPointError) are
+# failures while working.
+_USAGE_ERRORS = (ValueError, KeyError, ImportError, FileNotFoundError, FileExistsError,
+                 NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def exit_status(error: BaseException) -> int:
-  """The exit status of a run that stopped on `error` (one of the errors said in one line)."""
-  return EXIT_USAGE if isinstance(error, ConfigError) else EXIT_ERROR
+  """EXIT_USAGE for a usage error, EXIT_ERROR for a failure while working (a full disk)."""
+  from repmlp_jax import outputs  # pylint: disable=g-import-not-at-top  (loads jax)
+  if isinstance(error, outputs.WriteError) or outputs.is_disk_full(error):
+    return EXIT_ERROR
+  return EXIT_USAGE if isinstance(error, _USAGE_ERRORS) else EXIT_ERROR
+
+
+class ConfigError(ValueError):
+  """A config that cannot work as given: the user must change its fields (exit EXIT_USAGE)."""
 
 
 def error(prog: str, message: object, *, file: TextIO | None = None) -> None:
@@ -38,6 +43,32 @@ def error(prog: str, message: object, *, file: TextIO | None = None) -> None:
   mismatch report keeps its few lines)."""
   text = str(message).strip() or type(message).__name__
   print(f'{prog}: error: {text}', file=file or sys.stderr)
+
+
+class _NotFrom(logging.Filter):
+  """Drops log records written by the code under a directory."""
+
+  def __init__(self, directory: str):
+    super().__init__()
+    self.directory = directory
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.pathname.startswith(self.directory)
+
+
+def hide_orbax_logs() -> None:
+  """Keeps orbax's log records off the terminal (train.py without --verbosity, convert.py,
+  predict.py).
+
+  Every save logs at INFO, and a failed save logs each of its background threads' tracebacks at
+  ERROR, about a hundred lines, before the error reaches the command, which says it in one line.
+  orbax logs through absl's logger; the root logger's handlers catch anything else of it.
+  """
+  import orbax.checkpoint  # pylint: disable=g-import-not-at-top
+  directory = os.path.dirname(os.path.dirname(os.path.abspath(orbax.checkpoint.__file__)))
+  for where in [logging.getLogger('absl')] + logging.getLogger().handlers:
+    if not any(isinstance(f, _NotFrom) for f in where.filters):
+      where.addFilter(_NotFrom(directory + os.sep))
 
 
 @contextlib.contextmanager

@@ -1,7 +1,9 @@
 """The conversions behind convert.py: import, reparameterize, export.
 
 Each function checks its output path before any heavy work, writes nothing when something is
-wrong, and returns the lines it has to tell the user (convert.py prints them).
+wrong, and returns the lines it has to tell the user (convert.py prints them). Every one but
+import reads its source through `model_io.read_model`, so each takes every format this package
+writes, train.py checkpoints included.
 """
 
 import os
@@ -62,38 +64,27 @@ def import_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
   return lines
 
 
-def _load_any(src: str | os.PathLike, name: str | None, use_ema: bool) -> tuple[nn.Module, Any,
-                                                                                list[str]]:
-  """An orbax checkpoint directory (ours), a hub directory or a PyTorch file."""
-  if not os.path.exists(src):
-    raise FileNotFoundError(f'No checkpoint at {os.path.abspath(src)}: give a model directory of '
-                            'this package, a hub directory or a PyTorch .pth / .safetensors file.')
-  if os.path.isfile(os.path.join(src, hub.CONFIG_NAME)):
-    model, variables = hub.from_pretrained(src)
-    return model, variables, [f'read {_form(model)} form: {os.path.abspath(src)}']
-  if os.path.isdir(src):
-    model, variables = model_io.load_model(src)
-    return model, variables, [f'read {_form(model)} form: {os.path.abspath(src)}']
-  result = torch_import.import_torch(src, name, use_ema=use_ema)
-  return result.model, result.variables, result.describe().splitlines()
+def _read(src: str | os.PathLike, source: dict[str, Any]) -> tuple[nn.Module, Any, list[str]]:
+  """Any model this package reads (`model_io.read_model`); `source`: its name, use_ema, step."""
+  result = model_io.read_model(src, **source)
+  return result.model, result.variables, result.lines
 
 
 def reparam_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
-                       name: str | None = None, use_ema: bool = False,
-                       overwrite: bool = False) -> list[str]:
-  """Training-form checkpoint (ours, or a PyTorch file) -> deploy-form orbax checkpoint.
+                       overwrite: bool = False, **source: Any) -> list[str]:
+  """Training-form model (any format `model_io.read_model` reads) -> deploy-form orbax directory.
 
   Args:
-    src: an orbax checkpoint directory written by this package, or a .pth file.
+    src: a model directory of this package, a hub directory, a PyTorch file, a train.py workdir
+      or one of its checkpoints.
     out_dir: the deploy-form checkpoint directory to write.
-    name: the variant of a PyTorch file; None detects it.
-    use_ema: take a PyTorch file's EMA weights.
     overwrite: replace an existing output directory.
+    **source: name (a PyTorch file's variant), use_ema, step (see `model_io.read_model`).
   Returns:
     Lines describing what was read and written.
   """
   out_dir = outputs.check_new_output(out_dir, overwrite=overwrite)
-  model, variables, lines = _load_any(src, name, use_ema)
+  model, variables, lines = _read(src, source)
   if model.deploy:
     raise ValueError(f'{src} already holds the deploy form; nothing to re-parameterize.')
   deploy_model, deploy_variables = reparameterize.reparam(model, variables)
@@ -101,27 +92,27 @@ def reparam_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, *,
   return lines + [f'wrote deploy form: {out_dir}']
 
 
-def export_checkpoint(src_dir: str | os.PathLike, out_file: str | os.PathLike, *,
-                      layout: str = 'official') -> list[str]:
-  """Orbax checkpoint of this package -> PyTorch .pth file.
+def export_checkpoint(src: str | os.PathLike, out_file: str | os.PathLike, *,
+                      layout: str = 'official', **source: Any) -> list[str]:
+  """Any model this package reads -> PyTorch state_dict file (.pth, or .safetensors).
 
   Args:
-    src_dir: a checkpoint directory written by this package (training or deploy form).
-    out_file: the .pth file to create (never overwritten).
+    src: as for `reparam_checkpoint` (training or deploy form).
+    out_file: the .pth or .safetensors file to create (never overwritten).
     layout: 'official' (a raw state_dict the authors' model loads) or 'mmpretrain'.
+    **source: name, use_ema, step (see `model_io.read_model`).
   Returns:
     Lines describing what was read and written.
   """
   out_file = outputs.check_new_output(out_file)
   if layout not in torch_export.LAYOUTS:
     raise ValueError(f'Unknown layout {layout!r}; choose one of {torch_export.LAYOUTS}.')
-  model, variables = model_io.load_model(src_dir)
+  model, variables, lines = _read(src, source)
   torch_export.save_torch(out_file, model, variables, layout=layout)
-  what = {'official': 'the authors\' RepMLPNet', 'mmpretrain': 'mmpretrain\'s RepMLPNet'}[layout]
+  what = {'official': 'the authors\' model', 'mmpretrain': 'mmpretrain\'s RepMLPNet'}[layout]
   if model.deploy:
     what += ' in deploy form'
-  return [f'read {_form(model)} form: {os.path.abspath(src_dir)}',
-          f'wrote {layout} state_dict: {out_file} (loads into {what})']
+  return lines + [f'wrote {layout} state_dict: {out_file} (loads into {what})']
 
 
 FORMATS = ('orbax', 'safetensors')
@@ -144,41 +135,41 @@ def _save(path: str, model: nn.Module, variables: Any, fmt: str, overwrite: bool
 
 
 def export_pretrained(src: str | os.PathLike, out_dir: str | os.PathLike, *,
-                      crop_ratio: float = 1.0) -> list[str]:
-  """A checkpoint of this package (or a PyTorch file) -> hub directory (safetensors + config).
+                      crop_ratio: float = 1.0, **source: Any) -> list[str]:
+  """Any model this package reads -> hub directory (model.safetensors + config.json).
 
   Args:
-    src: an orbax checkpoint directory, a hub directory or a .pth / .safetensors file.
+    src: as for `reparam_checkpoint`.
     out_dir: the directory to create (never replaced).
     crop_ratio: the evaluation crop ratio recorded in config.json.
+    **source: name, use_ema, step (see `model_io.read_model`).
   Returns:
     Lines describing what was read and written.
   """
   out_dir = outputs.check_new_output(out_dir)
-  model, variables, lines = _load_any(src, None, False)
+  model, variables, lines = _read(src, source)
   hub.save_pretrained(out_dir, model, variables, crop_ratio=crop_ratio)
   return lines + [f'wrote {_form(model)} form: {out_dir} ({hub.WEIGHTS_NAME}, {hub.CONFIG_NAME})']
 
 
-def onnx_checkpoint(src: str | os.PathLike, out_file: str | os.PathLike, *,
-                    name: str | None = None, use_ema: bool = False, nchw: bool = False,
-                    image_size: int | None = None, check: bool = False) -> list[str]:
-  """Any checkpoint this package reads -> ONNX file of the deploy form (dynamic batch).
+def onnx_checkpoint(src: str | os.PathLike, out_file: str | os.PathLike, *, nchw: bool = False,
+                    image_size: int | None = None, check: bool = False,
+                    **source: Any) -> list[str]:
+  """Any model this package reads -> ONNX file of the deploy form (dynamic batch).
 
   Args:
-    src: an orbax checkpoint directory, a hub directory or a .pth / .safetensors file.
+    src: as for `reparam_checkpoint`.
     out_file: the .onnx file to create (never overwritten).
-    name: the variant of a PyTorch file; None detects it.
-    use_ema: take a PyTorch file's EMA weights.
     nchw: (N, 3, H, W) inputs instead of (N, H, W, 3).
     image_size: the input side (default: the model's training resolution).
     check: run the file with onnxruntime at batch 1 and 3 and report its agreement with JAX.
+    **source: name, use_ema, step (see `model_io.read_model`).
   Returns:
     Lines describing what was read and written.
   """
   from repmlp_jax.inference import onnx_export  # pylint: disable=g-import-not-at-top
   out_file = outputs.check_new_output(out_file)
-  model, variables, lines = _load_any(src, name, use_ema)
+  model, variables, lines = _read(src, source)
   if not model.deploy:
     model, variables = reparameterize.reparam(model, variables)
     lines.append('converted to the deploy form (reparam)')

@@ -36,7 +36,8 @@ def imagenet_synsets() -> tuple[str, ...]:
   """The 1000 WordNet ids in class-index order, from tfds' imagenet2012 label file."""
   root = _tfds_root()
   if root is None:
-    raise FileNotFoundError('tensorflow-datasets is not installed (pip install tensorflow-datasets).')
+    raise FileNotFoundError('tensorflow-datasets is not installed '
+                            '(pip install tensorflow-datasets).')
   with open(os.path.join(root, *_SYNSETS_FILE)) as f:
     synsets = tuple(line.strip() for line in f if line.strip())
   if len(synsets) != NUM_IMAGENET_CLASSES:
@@ -49,7 +50,8 @@ def imagenet_names() -> tuple[str, ...]:
   """The 1000 human-readable names in class-index order ('tench, Tinca tinca', ...)."""
   root = _tfds_root()
   if root is None:
-    raise FileNotFoundError('tensorflow-datasets is not installed (pip install tensorflow-datasets).')
+    raise FileNotFoundError('tensorflow-datasets is not installed '
+                            '(pip install tensorflow-datasets).')
   path = os.path.join(root, *_NAMES_FILE)
   with open(path) as f:
     tree = ast.parse(f.read(), path)

@@ -12,22 +12,13 @@
 feeds its batch to `jax.make_array_from_process_local_data`. Entry points should hide GPUs/TPUs
 from TensorFlow (`tf.config.set_visible_devices([], 'GPU')`) so it leaves the memory to JAX.
 
-Data sets (`DATASETS`):
-- 'imagenet2012' (tfds, 1000 classes, train / validation). tfds cannot download ImageNet: get
-  ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from image-net.org, put them as they are
-  (not unpacked) in `<data_dir>/downloads/manual/`, and build once (hours; about 300 GB of disk
-  while building, the tars plus the ~150 GB of tfrecords):
-      tfds build imagenet2012 --data_dir=<data_dir>
-  or `tfds.builder('imagenet2012', data_dir=<data_dir>).download_and_prepare()`. Then pass the
-  same data_dir here. Labels are the sorted-WordNet-id order, as torchvision's ImageFolder.
-- 'cifar10', 'cifar100' (tfds, train / test): `tfds build cifar10 --data_dir=<data_dir>` on a
-  machine with internet access, then copy the data_dir.
-- 'image_folder': your own images, `<data_dir>/train/<class>/*.jpg` and
-  `<data_dir>/val/<class>/*.jpg` (also png, bmp, gif); classes are the sorted train
-  sub-folder names.
-- 'digits' (built in, no download: for quick runs and tests): scikit-learn's 1797 digits (8x8 gray,
-  shipped inside scikit-learn), upsampled to image_size and repeated to 3 channels. Every fifth
-  image (index % 5 == 4) is the test split (359), the rest train (1438): fixed, seed-free.
+Data sets (`DATASETS`): 'imagenet2012', 'cifar10', 'cifar100' (tfds, prepared once with
+`tfds build <name> --data_dir=<data_dir>`; ImageNet from its manual tars, README "Training"),
+'image_folder' (`<data_dir>/train/<class>/*` and `<data_dir>/val/<class>/*`, classes sorted by
+name) and 'digits' (scikit-learn's 1797 8x8 digits, built in; every fifth image is the test
+split). ImageNet labels follow the sorted WordNet ids, as torchvision's ImageFolder.
+data_dir may be a gs:// URL: tfds data sets take it as it is (tfds reads buckets through
+TensorFlow's GCS client), image folders are listed through `repmlp_jax.storage`.
 
 Sharding: each process reads its own slice, tfds.split_for_jax_process semantics (even split;
 train drops the < process_count remainder so every process has the same number of steps).
@@ -60,6 +51,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from repmlp_jax import storage
 from repmlp_jax.data import preprocess as pp
 
 DATASETS = ('digits', 'cifar10', 'cifar100', 'imagenet2012', 'image_folder')
@@ -80,10 +72,6 @@ class DatasetInfo:
   num_train_examples: int  # All processes together.
   num_eval_examples: int
   class_names: tuple[str, ...] = dataclasses.field(repr=False)
-
-  def steps_per_epoch(self, global_batch_size: int) -> int:
-    """Training steps per epoch; equals the per-process count create_split uses."""
-    return self.num_train_examples // global_batch_size
 
 
 def default_preprocess(name: str) -> pp.Preprocess:
@@ -259,22 +247,22 @@ def _image_folder_source(data_dir: str | None) -> _ArraySource:
     raise ValueError(f"name='image_folder' needs data_dir: a folder laid out as {layout}.")
   splits, class_names = {}, ()
   for split in ('train', 'val'):
-    root = os.path.join(data_dir, split)
-    if not os.path.isdir(root):
+    root = os.fspath(storage.resolve(data_dir) / split)  # Local or gs:// (tf.io reads both).
+    if not storage.resolve(root).is_dir():
       raise FileNotFoundError(f'Image folder {root!r} does not exist; expected {layout}.')
-    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    folders = sorted(entry.name for entry in storage.resolve(root).iterdir() if entry.is_dir())
     if split == 'train':
       class_names = tuple(folders)
     elif unknown := set(folders) - set(class_names):
       raise ValueError(f'{root!r} has classes missing from train: {sorted(unknown)}.')
     paths, labels = [], []
     for label, name in enumerate(class_names):
-      folder = os.path.join(root, name)
-      if not os.path.isdir(folder):
+      folder = storage.resolve(root) / name
+      if not folder.is_dir():
         continue
-      for file in sorted(os.listdir(folder)):
+      for file in sorted(entry.name for entry in folder.iterdir()):
         if file.lower().endswith(_IMAGE_EXTENSIONS):
-          paths.append(os.path.join(folder, file))
+          paths.append(os.fspath(folder / file))
           labels.append(label)
     if not paths:
       raise FileNotFoundError(f'No images ({", ".join(_IMAGE_EXTENSIONS)}) under {root!r}; '
@@ -376,7 +364,7 @@ def create_split(
     raise ValueError(f'{name} {split!r} has {examples} examples per process, fewer than '
                      f'batch_size={batch_size}.')
 
-  # Traced once and reused by every epoch's pipeline (RandAugment takes ~1 s to trace).
+  # Traced once and reused by every epoch's pipeline (RandAugment is slow to trace).
   train_image = tf.function(functools.partial(pp.train_image, image_size=image_size, p=p))
 
   def epoch_batches(epoch: int, skip: int) -> tf.data.Dataset:

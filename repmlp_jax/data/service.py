@@ -1,16 +1,10 @@
 """tf.data service: run the training preprocessing on other machines' CPUs.
 
-One host's cores decode and augment a few hundred images/s each (benchmarks/README.md); an
-accelerator training RepMLPNet-B224 consumes thousands. TensorFlow's own distributed input
-engine, the tf.data service, moves the work to any number of CPU machines: one dispatcher
-hands out work, workers run the preprocessing and stream the results to the training processes.
-
-    # Machine D (any host the others can reach):
-    python -m repmlp_jax.data.service dispatcher --port 5050
-    # Each CPU machine W1, W2, ... (as many as the accelerators need):
-    python -m repmlp_jax.data.service worker --dispatcher D:5050 --port 5051
-    # Training, on the accelerator hosts:
-    python train.py ... --config.data_service_address=grpc://D:5050
+An accelerator training RepMLPNet-B224 consumes more images per second than one host's cores
+decode and augment (benchmarks/README.md); the tf.data service moves that work to other CPU
+machines: one dispatcher hands out work, workers run the preprocessing and stream the results
+to the training processes. The commands are in README.md ("Input pipeline: how many cores,
+and the tf.data service").
 
 Workers read the data themselves, so `--config.data_dir` (tfds records or an image folder) must
 be readable from every worker at the same path (a shared file system or gs://). Each training

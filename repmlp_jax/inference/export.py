@@ -15,8 +15,9 @@ import jax
 from jax import export as jax_export
 import jax.numpy as jnp
 
+from repmlp_jax import outputs
+from repmlp_jax import storage
 from repmlp_jax.inference import predictor as inference
-from repmlp_jax import atomic_write as new_file
 
 
 def export_predictor(predictor: 'inference.Predictor', *, batch_size: int | None = None,
@@ -46,22 +47,22 @@ def save_exported(path: str | os.PathLike, exported: jax_export.Exported) -> str
   """Writes a serialized artifact atomically; never replaces an existing file.
 
   Args:
-    path: the file to create.
+    path: the file to create (local or gs://).
     exported: from `export_predictor`.
   Returns:
     The absolute path written.
   """
   data = exported.serialize()
-  return new_file.write_new_file(path, lambda f: f.write(data))
+  return outputs.write_new_file(path, lambda f: f.write(data))
 
 
 def load_exported(path: str | os.PathLike) -> jax_export.Exported:
   """Reads an artifact written by `save_exported` (no model code needed to run it)."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'No exported model at {path!r}.')
-  with open(path, 'rb') as f:
-    data = f.read()
+  source = storage.resolve(path)
+  with storage.reaching(source):
+    if not source.is_file():
+      raise FileNotFoundError(f'No exported model at {os.fspath(path)!r}.')
+    data = source.read_bytes()
   try:
     return jax_export.deserialize(bytearray(data))
   except Exception as e:  # The flatbuffer reader raises assorted types on foreign bytes.

@@ -14,9 +14,6 @@ import numpy as np
 from PIL import Image
 
 from repmlp_jax.data import eval_transform
-# Re-exported: the pieces of the preprocessing, under the names this module always had.
-from repmlp_jax.data.eval_transform import center_crop, resize_short_side  # noqa: F401
-from repmlp_jax.data.imagenet import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401
 
 
 def preprocess_image(image: Image.Image, size: int, crop_ratio: float = 1.0) -> np.ndarray:

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repmlp_jax import atomic_write
 from repmlp_jax import outputs
 from repmlp_jax import hub
+from repmlp_jax import storage
 from repmlp_jax.reparameterize import deploy as reparameterize
 
 ONNX_EXTRA = "pip install 'repmlp-jax[onnx]'"
@@ -97,7 +97,7 @@ def export_onnx(model: nn.Module, variables: Any, path: str | os.PathLike, *,
   Args:
     model: training or deploy form; a training form is re-parameterized first.
     variables: its {'params', 'batch_stats'}.
-    path: the .onnx file to create; its directory must exist.
+    path: the .onnx file to create (local or gs://); missing parent directories are made.
     image_size: side of the square input (default: the model's training resolution).
     nchw: take (N, 3, H, W) inputs instead of (N, H, W, 3).
     opset: the ONNX opset to target.
@@ -110,7 +110,7 @@ def export_onnx(model: nn.Module, variables: Any, path: str | os.PathLike, *,
   if len(data) > _PROTOBUF_LIMIT:  # Not reached by the released variants (B224 is ~0.3 GB).
     raise ValueError(f'The model takes {len(data) / 2**30:.1f} GiB, over the 2 GiB a '
                      'single-file ONNX model can hold.')
-  return atomic_write.write_new_file(path, lambda f: f.write(data))
+  return outputs.write_new_file(path, lambda f: f.write(data))
 
 
 def onnxruntime_session(path: str | os.PathLike, *, threads: int | None = None) -> Any:
@@ -129,7 +129,10 @@ def onnxruntime_session(path: str | os.PathLike, *, threads: int | None = None) 
   options = ort.SessionOptions()
   if threads:
     options.intra_op_num_threads = threads
-  return ort.InferenceSession(os.fspath(path), options, providers=['CPUExecutionProvider'])
+  # onnxruntime reads a local file, or the model's bytes (from a bucket).
+  model = (os.fspath(path) if not storage.is_remote(path)
+           else storage.resolve(path).read_bytes())
+  return ort.InferenceSession(model, options, providers=['CPUExecutionProvider'])
 
 
 def run_onnx(session: Any, images: Any) -> np.ndarray:

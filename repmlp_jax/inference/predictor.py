@@ -18,7 +18,7 @@ import numpy as np
 
 from repmlp_jax.data import imagenet
 from repmlp_jax import model_io
-from repmlp_jax.models import factory as models
+from repmlp_jax.models import factory
 from repmlp_jax.inference import image_files
 from repmlp_jax.models import features as features_lib
 from repmlp_jax.reparameterize import deploy as reparameterize
@@ -64,7 +64,7 @@ class Predictor:
       model, variables = reparameterize.reparam(model, variables)
     self.dtype = jnp.dtype(model.dtype if dtype is None else dtype)
     model = model.clone(dtype=self.dtype, precision=model.precision if precision is None
-                        else models.parse_precision(precision))
+                        else factory.parse_precision(precision))
     if self.dtype != jnp.float32:
       variables = {**variables, 'params': cast_floating(variables['params'], self.dtype)}
     self.model = model
@@ -84,16 +84,20 @@ class Predictor:
     self._top_k = jax.jit(_softmax_top_k, static_argnums=1)
 
   @classmethod
-  def from_checkpoint(cls, path: str | os.PathLike, **kwargs) -> 'Predictor':
-    """A Predictor for a directory written by `repmlp_jax.model_io.save_model`.
+  def from_checkpoint(cls, path: str | os.PathLike, *, name: str | None = None,
+                      use_ema: bool = False, step: int | None = None, **kwargs) -> 'Predictor':
+    """A Predictor for any model `repmlp_jax.model_io.read_model` reads.
 
     Args:
-      path: the checkpoint directory.
+      path: a model directory (save_model's or the hub layout), a PyTorch .pth / .safetensors
+        file, or a train.py workdir or one of its checkpoints.
+      name, use_ema, step: which weights (see `model_io.read_model`).
       **kwargs: the Predictor's options (dtype, batch_size, ...).
     """
     device = kwargs.get('device') or jax.devices()[0]
     model, variables = model_io.load_model(
-        path, sharding=jax.sharding.SingleDeviceSharding(device))
+        path, sharding=jax.sharding.SingleDeviceSharding(device), name=name, use_ema=use_ema,
+        step=step)
     return cls(model, variables, **kwargs)
 
   def _forward_logits(self, variables, x):

@@ -115,6 +115,10 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
   return {'class': type(model).__name__, 'settings': fields}
 
 
+# Settings that older checkpoints' specs may hold and that no longer exist; none changed results.
+_RETIRED_SETTINGS = ('jit_units',)
+
+
 def model_from_spec(spec: Mapping[str, Any]) -> nn.Module:
   """Inverse of `model_spec`."""
   classes = {cls.__name__: cls for cls, _ in MODELS.values()}
@@ -122,7 +126,7 @@ def model_from_spec(spec: Mapping[str, Any]) -> nn.Module:
   if cls is None:
     raise ValueError(f'Unknown model class {spec.get("class")!r} in the checkpoint; this version '
                      f'of repmlp_jax knows {sorted(classes)}.')
-  settings = dict(spec['settings'])
+  settings = {k: v for k, v in spec['settings'].items() if k not in _RETIRED_SETTINGS}
   settings = {k: (tuple(v) if isinstance(v, list) else v) for k, v in settings.items()}
   settings['dtype'] = jnp.dtype(settings['dtype'])
   if settings.get('precision') is not None:

@@ -23,12 +23,27 @@ BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9  # PyTorch's momentum 0.1.
 
 
-def batch_norm(train: bool, dtype: Dtype, name: str | None = None) -> bn_lib.BatchNorm:
+def batch_norm(train: bool, dtype: Dtype, name: str | None = None, *, groups: int = 1,
+               features: int | None = None) -> bn_lib.BatchNorm:
   """The BatchNorm of every model: PyTorch's running variance; in training mode its statistics
-  are the whole batch's (global under jit with sharded batches), or each group's inside
-  `batch_norm.grouped_statistics`."""
-  return bn_lib.BatchNorm(use_running_average=not train, num_groups=bn_lib.current_num_groups(),
-                          momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype, name=name)
+  are the whole batch's (global under jit with sharded batches), or each of `groups` groups of
+  consecutive images' (`batch_norm.num_groups`). `features`: channels with statistics of their
+  own (BatchNorm's)."""
+  return bn_lib.BatchNorm(use_running_average=not train, num_groups=groups,
+                          features=features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                          dtype=dtype, name=name)
+
+
+def check_images(x: jax.Array, model: str, size: int | None = None) -> None:
+  """Refuses anything but NHWC images with 3 channels and, with `size`, any other side than
+  size x size (models whose Global Perceptrons are sized for one resolution)."""
+  if x.ndim != 4 or x.shape[-1] != 3:
+    raise ValueError(f'{model} takes NHWC images with 3 channels; got shape {x.shape}.')
+  if size is not None and x.shape[1:3] != (size, size):
+    raise ValueError(
+        f'{model} takes exactly {size}x{size} inputs (its RepMLPs\' Global Perceptron is sized '
+        f'for that resolution); got {x.shape[1]}x{x.shape[2]}. Resize the images, or build the '
+        'model with image_size set to their size.')
 
 
 def make_divisible(value: float, divisor: int) -> int:
@@ -68,6 +83,34 @@ def reassemble(rows: jax.Array) -> jax.Array:
   return rows.transpose(0, 2, 4, 3, 5, 1, 6).reshape(n, hp * h, wp * w, groups * s)
 
 
+def conv_params(module: nn.Module, kernel_shape: tuple[int, ...],
+                use_bias: bool) -> tuple[jax.Array, jax.Array | None]:
+  """The variables of `nn.Conv` (kernel HWIO, bias (O,)), initialized alike, in float32 (nn.Conv's
+  param_dtype, also under jax_enable_x64): (kernel, bias or None)."""
+  kernel = module.param('kernel', nn.initializers.lecun_normal(), kernel_shape, jnp.float32)
+  if not use_bias:
+    return kernel, None
+  return kernel, module.param('bias', nn.initializers.zeros, kernel_shape[-1:], jnp.float32)
+
+
+class Part(nn.Module, kw_only=True):
+  """What every part of a model is built with, by keyword: its form (training or deploy),
+  compute dtype, matmul precision and, in training, the BatchNorm groups of images."""
+  deploy: bool = False
+  dtype: Dtype = jnp.float32
+  precision: Precision = None
+  bn_groups: int = 1  # Training: BatchNorm statistics per group of images (batch_norm.py).
+
+  def conv_bn(self, *args, **kwargs) -> 'ConvBN':
+    """A ConvBN (arguments as ConvBN's) with this part's settings."""
+    return ConvBN(*args, deploy=self.deploy, dtype=self.dtype, precision=self.precision,
+                  bn_groups=self.bn_groups, **kwargs)
+
+  def norm(self, train: bool, name: str, **kwargs) -> bn_lib.BatchNorm:
+    """A BatchNorm (`batch_norm`) with this part's dtype and groups."""
+    return batch_norm(train, self.dtype, name, groups=self.bn_groups, **kwargs)
+
+
 class PatchConv(nn.Module):
   """A conv whose stride equals its kernel (no padding, no groups), computed as one matmul.
 
@@ -87,17 +130,13 @@ class PatchConv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     k = self.kernel_size
     n, height, width, c = x.shape
-    kernel = self.param('kernel', nn.initializers.lecun_normal(), (k, k, c, self.features),
-                        jnp.float32)  # nn.Conv's param_dtype, also under jax_enable_x64.
+    kernel, bias = conv_params(self, (k, k, c, self.features), self.use_bias)
     if k > 1:  # (N, H, W, C) -> (N, H/k, W/k, k*k*C) in the kernel's (ky, kx, c) order.
       x = x.reshape(n, height // k, k, width // k, k, c).transpose(0, 1, 3, 2, 4, 5)
       x = x.reshape(n, height // k, width // k, k * k * c)
     y = jnp.dot(x.astype(self.dtype), kernel.reshape(k * k * c, self.features).astype(self.dtype),
                 precision=self.precision)
-    if self.use_bias:
-      y = y + self.param('bias', nn.initializers.zeros, (self.features,),
-                         jnp.float32).astype(self.dtype)
-    return y
+    return y if bias is None else y + bias.astype(self.dtype)
 
 
 def _shifted_views(x: jax.Array, k: int) -> list[jax.Array]:
@@ -163,31 +202,41 @@ class DepthwiseConv(nn.Module):
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   precision: Precision = None
+  # Channels with a filter of their own; None: all of x's. With fewer, x's channel c uses the
+  # filter of c % features (x holds several blocks of `features` channels).
+  features: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    k, c = self.kernel_size, x.shape[-1]
-    kernel = self.param('kernel', nn.initializers.lecun_normal(), (k, k, 1, c),
-                        jnp.float32).astype(self.dtype)
-    y = depthwise_conv(x.astype(self.dtype), kernel[:, :, 0])
-    if self.use_bias:
-      y = y + self.param('bias', nn.initializers.zeros, (c,), jnp.float32).astype(self.dtype)
-    return y
+    k, c = self.kernel_size, self.features or x.shape[-1]
+    blocks = x.shape[-1] // c
+    kernel, bias = conv_params(self, (k, k, 1, c), self.use_bias)
+    y = depthwise_conv(x.astype(self.dtype), jnp.tile(kernel[:, :, 0], blocks).astype(self.dtype))
+    return y if bias is None else y + jnp.tile(bias, blocks).astype(self.dtype)
 
 
-class ConvBN(nn.Module):
+class ConvBN(Part):
   """Conv (no bias) then BatchNorm; in deploy form one conv with bias."""
   features: int
   kernel_size: int
   strides: int = 1
   padding: int = 0
   groups: int = 1
-  deploy: bool = False
-  dtype: Dtype = jnp.float32
-  precision: Precision = None
+  # Depthwise only (groups == features): x holds several blocks of `features` channels, all
+  # convolved with the same filters and normalized with the same statistics.
+  shared: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    if self.shared:
+      if (self.groups, self.strides, self.padding) != (self.features, 1, self.kernel_size // 2):
+        raise ValueError(f'ConvBN {self.name}: shared=True is for depthwise convs (groups == '
+                         'features), stride 1, padding kernel_size // 2.')
+      conv = functools.partial(DepthwiseConv, self.kernel_size, dtype=self.dtype,
+                               precision=self.precision, features=self.features, name='conv')
+      if self.deploy:
+        return conv(use_bias=True)(x)
+      return self.norm(train, 'bn', features=self.features)(conv(use_bias=False)(x))
     if self.kernel_size == self.strides and self.padding == 0 and self.groups == 1:
       conv = functools.partial(PatchConv, self.features, self.kernel_size, dtype=self.dtype,
                                precision=self.precision, name='conv')
@@ -203,7 +252,7 @@ class ConvBN(nn.Module):
     if self.deploy:
       return conv(use_bias=True)(x)
     x = conv(use_bias=False)(x)
-    return batch_norm(train, self.dtype, name='bn')(x)
+    return self.norm(train, 'bn')(x)
 
 
 class GlobalPerceptron(nn.Module):
@@ -221,7 +270,7 @@ class GlobalPerceptron(nn.Module):
     return nn.sigmoid(g)  # (N, C)
 
 
-class RepMLPBlock(nn.Module):
+class RepMLPBlock(Part):
   """Global, Partition and Local Perceptrons of RepMLPNet.
 
   fc3 is a grouped FC: shareset s maps the h*w values of each of its rows with its own (h*w, h*w)
@@ -234,9 +283,6 @@ class RepMLPBlock(nn.Module):
   sharesets: int
   reparam_conv_k: Sequence[int] = (1, 3)
   gp_hidden: int | None = None  # Default C // 4, as the official code.
-  deploy: bool = False
-  dtype: Dtype = jnp.float32
-  precision: Precision = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False,
@@ -245,12 +291,45 @@ class RepMLPBlock(nn.Module):
     s, hw = self.sharesets, self.h * self.w
     gate = GlobalPerceptron(self.gp_hidden or self.channels // 4, dtype=self.dtype,
                             precision=self.precision, name='gp')(x, pooled)
-    rows = partition(x, self.h, self.w, s)  # (N, hp, wp, C/S, h, w, S)
-    lead = rows.shape[:4]
     # float32 params as nn.Dense's param_dtype, also under jax_enable_x64.
     fc3_kernel = self.param('fc3', nn.initializers.lecun_normal(in_axis=1, out_axis=2,
                                                                 batch_axis=0), (s, hw, hw),
                             jnp.float32).astype(self.dtype)
+    if x.shape[1:3] == (self.h, self.w):
+      out = self._one_window(x, fc3_kernel, train)
+    else:
+      out = reassemble(self._windows(x, fc3_kernel, train))
+    return out * gate[:, None, None, :].astype(out.dtype)
+
+  def _one_window(self, x: jax.Array, fc3_kernel: jax.Array, train: bool) -> jax.Array:
+    """The block on a map that is one window, kept (N, H, W, C) with the channels minor.
+
+    The official re-assembly is then the inverse of the partition, so nothing is permuted:
+    fc3 contracts the spatial axes per shareset (channel c belongs to shareset c % S), fc3_bn and
+    the conv branches share their statistics and kernels over the C/S blocks of S channels.
+    """
+    n, h, w, c = x.shape
+    s = self.sharesets
+    kernel = fc3_kernel.reshape(s, h, w, h, w)
+    if s == 1:
+      out = jnp.einsum('nyxc,yxvu->nvuc', x, kernel[0], precision=self.precision)
+    else:
+      out = jnp.einsum('nyxrs,syxvu->nvurs', x.reshape(n, h, w, c // s, s), kernel,
+                       precision=self.precision).reshape(x.shape)
+    if self.deploy:
+      bias = self.param('fc3_bias', nn.initializers.zeros, (s, h * w), jnp.float32)
+      return out + jnp.tile(bias.T.reshape(h, w, s), c // s).astype(self.dtype)
+    out = self.norm(train, 'fc3_bn', features=s)(out)
+    for k in self.reparam_conv_k:
+      out = out + self.conv_bn(s, k, padding=k // 2, groups=s, shared=True,
+                               name=f'repconv{k}')(x, train=train)
+    return out
+
+  def _windows(self, x: jax.Array, fc3_kernel: jax.Array, train: bool) -> jax.Array:
+    """The block on partition rows (N, hp, wp, C/S, h, w, S), as the official code lays them."""
+    s, hw = self.sharesets, self.h * self.w
+    rows = partition(x, self.h, self.w, s)  # (N, hp, wp, C/S, h, w, S)
+    lead = rows.shape[:4]
     flat = rows.reshape(*lead, hw, s)
     if s == 1:
       # One plain matmul. Written as a batched one, XLA transposes the whole (h*w, h*w) kernel
@@ -260,37 +339,31 @@ class RepMLPBlock(nn.Module):
     else:
       out = jnp.einsum('nijrps,spq->nijrqs', flat, fc3_kernel, precision=self.precision)
     if self.deploy:
-      out = out + self.param('fc3_bias', nn.initializers.zeros, (s, hw), jnp.float32).T.astype(self.dtype)
-      out = out.reshape(rows.shape)
-    else:
-      # fc3_bn and the conv branches see the rows as (rows, h, w, S) maps.
-      maps = rows.reshape(-1, self.h, self.w, s)
-      out = batch_norm(train, self.dtype, name='fc3_bn')(out.reshape(maps.shape))
-      for k in self.reparam_conv_k:
-        out = out + ConvBN(s, k, padding=k // 2, groups=s, dtype=self.dtype,
-                           precision=self.precision, name=f'repconv{k}')(maps, train=train)
-      out = out.reshape(rows.shape)
-    return reassemble(out) * gate[:, None, None, :].astype(out.dtype)
+      bias = self.param('fc3_bias', nn.initializers.zeros, (s, hw), jnp.float32)
+      out = out + bias.T.astype(self.dtype)
+      return out.reshape(rows.shape)
+    # fc3_bn and the conv branches see the rows as (rows, h, w, S) maps.
+    maps = rows.reshape(-1, self.h, self.w, s)
+    out = self.norm(train, 'fc3_bn')(out.reshape(maps.shape))
+    for k in self.reparam_conv_k:
+      out = out + self.conv_bn(s, k, padding=k // 2, groups=s,
+                               name=f'repconv{k}')(maps, train=train)
+    return out.reshape(rows.shape)
 
 
-class FFNBlock(nn.Module):
+class FFNBlock(Part):
   """conv1x1-BN -> GELU (exact erf) -> conv1x1-BN."""
   hidden: int
-  deploy: bool = False
-  dtype: Dtype = jnp.float32
-  precision: Precision = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     channels = x.shape[-1]
-    conv = functools.partial(ConvBN, kernel_size=1, deploy=self.deploy, dtype=self.dtype,
-                             precision=self.precision)
-    x = conv(self.hidden, name='ffn_fc1')(x, train=train)
+    x = self.conv_bn(self.hidden, 1, name='ffn_fc1')(x, train=train)
     x = nn.gelu(x, approximate=False)
-    return conv(channels, name='ffn_fc2')(x, train=train)
+    return self.conv_bn(channels, 1, name='ffn_fc2')(x, train=train)
 
 
-class RepMLPNetUnit(nn.Module):
+class RepMLPNetUnit(Part):
   """x + RepMLPBlock(prebn1(x)), then y + FFN(prebn2(y)); deploy: y + FFN(y), prebn2 in fc1."""
   channels: int
   h: int
@@ -299,13 +372,10 @@ class RepMLPNetUnit(nn.Module):
   reparam_conv_k: Sequence[int] = (1, 3)
   gp_hidden: int | None = None
   ffn_expand: int = 4
-  deploy: bool = False
-  dtype: Dtype = jnp.float32
-  precision: Precision = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    prebn1 = batch_norm(train, self.dtype, name='prebn1')
+    prebn1 = self.norm(train, 'prebn1')
     y = prebn1(x)
     # In eval mode a BatchNorm is a per-channel affine map, which commutes with the spatial mean:
     # the Global Perceptron pools x itself, so prebn1(x) is never written out whole (XLA fuses it
@@ -313,9 +383,10 @@ class RepMLPNetUnit(nn.Module):
     pooled = None if train else prebn1(jnp.mean(x, axis=(1, 2)))
     x = x + RepMLPBlock(self.channels, self.h, self.w, self.sharesets, self.reparam_conv_k,
                         self.gp_hidden, deploy=self.deploy, dtype=self.dtype,
-                        precision=self.precision, name='repmlp_block')(y, train=train,
-                                                                       pooled=pooled)
+                        precision=self.precision, bn_groups=self.bn_groups,
+                        name='repmlp_block')(y, train=train, pooled=pooled)
     # The deploy form folds prebn2 into the FFN's fc1 (a BN before a linear op, no padding).
-    y = x if self.deploy else batch_norm(train, self.dtype, name='prebn2')(x)
+    y = x if self.deploy else self.norm(train, 'prebn2')(x)
     return x + FFNBlock(self.channels * self.ffn_expand, deploy=self.deploy, dtype=self.dtype,
-                        precision=self.precision, name='ffn_block')(y, train=train)
+                        precision=self.precision, bn_groups=self.bn_groups,
+                        name='ffn_block')(y, train=train)

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from repmlp_jax.models import batch_norm as bn_lib
 from repmlp_jax.models import layers
 from repmlp_jax.models import repmlp_v1 as repmlp_block
 
@@ -32,7 +33,7 @@ ARCH_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-class PureMLPUnit(nn.Module):
+class PureMLPUnit(layers.Part):
   """RepMLP -> ReLU -> FC (1x1 conv-BN) -> ReLU."""
   out_channels: int
   size: int
@@ -41,9 +42,6 @@ class PureMLPUnit(nn.Module):
   reparam_conv_k: Sequence[int]
   fc1_fc2_reduction: int
   fc3_groups: int
-  deploy: bool = False
-  dtype: Any = jnp.float32
-  precision: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -51,10 +49,10 @@ class PureMLPUnit(nn.Module):
     repmlp = repmlp_block.RepMLP(c, c, self.size, self.size, self.h, self.w,
                                  tuple(self.reparam_conv_k), self.fc1_fc2_reduction,
                                  self.fc3_groups, deploy=self.deploy, dtype=self.dtype,
-                                 precision=self.precision, name='repmlp')
+                                 precision=self.precision, bn_groups=self.bn_groups,
+                                 name='repmlp')
     x = repmlp(x, train=train)
-    x = layers.ConvBN(self.out_channels, 1, deploy=self.deploy, dtype=self.dtype,
-                      precision=self.precision, name='fc')(nn.relu(x), train=train)
+    x = self.conv_bn(self.out_channels, 1, name='fc')(nn.relu(x), train=train)
     return nn.relu(x)
 
 
@@ -92,20 +90,18 @@ class PureMLPNet(nn.Module):
                          f'({self.fc3_groups}).')
 
   def check_input(self, x: jax.Array) -> None:
-    if x.ndim != 4 or x.shape[-1] != 3:
-      raise ValueError(f'PureMLPNet takes NHWC images with 3 channels; got shape {x.shape}.')
-    if x.shape[1:3] != (self.image_size, self.image_size):
-      raise ValueError(
-          f'PureMLPNet takes exactly {self.image_size}x{self.image_size} inputs (its RepMLPs\' '
-          f'Global Perceptron is sized for that resolution); got {x.shape[1]}x{x.shape[2]}.')
+    layers.check_images(x, 'PureMLPNet', self.image_size)
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
+  def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False,
+               bn_group_size: int = 0):
     """Classifies NHWC images.
 
     Args:
       x: (N, image_size, image_size, 3) images.
       train: batch statistics for BatchNorm (needs mutable=['batch_stats']).
+      bn_group_size: in training, BatchNorm statistics per group of this many consecutive
+        images; 0: the whole batch.
       return_features: also return every stage's output.
     Returns:
       logits (N, num_classes), or with `return_features` a dict holding `stage_0` .. (each
@@ -114,9 +110,10 @@ class PureMLPNet(nn.Module):
     """
     self.check_settings()
     self.check_input(x)
+    groups = bn_lib.num_groups(x.shape[0], bn_group_size) if train else 1
     x = x.astype(self.dtype)
     x = layers.ConvBN(self.channels[0], 1, deploy=self.deploy, dtype=self.dtype,
-                      precision=self.precision, name='stem')(x, train=train)
+                      precision=self.precision, bn_groups=groups, name='stem')(x, train=train)
     x = nn.relu(x)
     features = {}
     for s, (c, depth) in enumerate(zip(self.channels, self.depths)):
@@ -127,7 +124,8 @@ class PureMLPNet(nn.Module):
       for i in range(depth):
         unit = PureMLPUnit(last if i == depth - 1 else c, self.image_size // 2**s, self.h, self.w,
                            tuple(self.reparam_conv_k), self.fc1_fc2_reduction, self.fc3_groups,
-                           self.deploy, self.dtype, self.precision, name=f'stage{s}_{i}')
+                           deploy=self.deploy, dtype=self.dtype, precision=self.precision,
+                           bn_groups=groups, name=f'stage{s}_{i}')
         x = unit(x, train=train)
       features[f'stage_{s}'] = x
     pooled = jnp.mean(x, axis=(1, 2))

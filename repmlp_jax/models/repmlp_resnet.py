@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from repmlp_jax.models import batch_norm as bn_lib
 from repmlp_jax.models import layers
 from repmlp_jax.models import repmlp_v1 as repmlp_block
 
@@ -71,18 +72,14 @@ def block_specs(model: 'RepMLPResNet') -> list[BlockSpec]:
   return specs
 
 
-class ResNetBlock(nn.Module):
+class ResNetBlock(layers.Part):
   """The ResNet-50 bottleneck: 1x1 -> 3x3 (stride) -> 1x1, + shortcut, ReLU."""
   spec: BlockSpec
-  deploy: bool = False
-  dtype: Any = jnp.float32
-  precision: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     s, mid = self.spec, self.spec.out_channels // 4
-    conv = lambda *a, **k: layers.ConvBN(*a, deploy=self.deploy, dtype=self.dtype,
-                                         precision=self.precision, **k)
+    conv = self.conv_bn
     shortcut = x
     if s.stride != 1 or s.in_channels != s.out_channels:
       shortcut = conv(s.out_channels, 1, strides=s.stride, name='shortcut')(x, train=train)
@@ -92,25 +89,22 @@ class ResNetBlock(nn.Module):
     return nn.relu(y + shortcut)
 
 
-class RepMLPResBlock(nn.Module):
+class RepMLPResBlock(layers.Part):
   """RepMLP Light or Bottleneck block (stride 1), + shortcut, ReLU."""
   spec: BlockSpec
   h: int
   w: int
   reparam_conv_k: Sequence[int]
   fc1_fc2_reduction: int
-  deploy: bool = False
-  dtype: Any = jnp.float32
-  precision: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     s = self.spec
-    conv = lambda *a, **k: layers.ConvBN(*a, deploy=self.deploy, dtype=self.dtype,
-                                         precision=self.precision, **k)
-    repmlp = lambda c, name: repmlp_block.RepMLP(
+    conv = self.conv_bn
+    repmlp = lambda c, name: repmlp_block.RepMLP(  # pylint: disable=unnecessary-lambda-assignment
         c, c, s.size, s.size, self.h, self.w, tuple(self.reparam_conv_k), self.fc1_fc2_reduction,
-        s.groups, deploy=self.deploy, dtype=self.dtype, precision=self.precision, name=name)
+        s.groups, deploy=self.deploy, dtype=self.dtype, precision=self.precision,
+        bn_groups=self.bn_groups, name=name)
     shortcut = x
     if s.in_channels != s.out_channels:
       shortcut = conv(s.out_channels, 1, name='shortcut')(x, train=train)
@@ -174,26 +168,25 @@ class RepMLPResNet(nn.Module):
                          f'fc3 groups ({s.groups}).')
 
   def check_input(self, x: jax.Array) -> None:
-    if x.ndim != 4 or x.shape[-1] != 3:
-      raise ValueError(f'{type(self).__name__} takes NHWC images with 3 channels; got {x.shape}.')
+    if self.kind != 'plain':
+      layers.check_images(x, 'This RepMLP-ResNet', self.image_size)
+      return
+    layers.check_images(x, 'ResNet-50')
     height, width = x.shape[1:3]
-    if self.kind == 'plain':
-      if height % 32 or width % 32:
-        raise ValueError(f'ResNet-50 takes inputs whose height and width are multiples of 32; '
-                         f'got {height}x{width}.')
-    elif (height, width) != (self.image_size, self.image_size):
-      raise ValueError(
-          f'This RepMLP-ResNet takes exactly {self.image_size}x{self.image_size} inputs (its '
-          f'RepMLPs\' Global Perceptron is sized for that resolution); got {height}x{width}. '
-          'Resize the images, or build the model with image_size set to their size.')
+    if height % 32 or width % 32:
+      raise ValueError(f'ResNet-50 takes inputs whose height and width are multiples of 32; '
+                       f'got {height}x{width}.')
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
+  def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False,
+               bn_group_size: int = 0):
     """Classifies NHWC images.
 
     Args:
       x: (N, H, W, 3) images (see `input_multiple`).
       train: batch statistics for BatchNorm (needs mutable=['batch_stats']).
+      bn_group_size: in training, BatchNorm statistics per group of this many consecutive
+        images; 0: the whole batch.
       return_features: also return every stage's output.
     Returns:
       logits (N, num_classes), or with `return_features` a dict holding `stage_0` .. `stage_3`
@@ -201,9 +194,11 @@ class RepMLPResNet(nn.Module):
     """
     self.check_settings()
     self.check_input(x)
+    groups = bn_lib.num_groups(x.shape[0], bn_group_size) if train else 1
     x = x.astype(self.dtype)
     x = layers.ConvBN(self.stem_channels, 7, strides=2, padding=3, deploy=self.deploy,
-                      dtype=self.dtype, precision=self.precision, name='stage0_0')(x, train=train)
+                      dtype=self.dtype, precision=self.precision, bn_groups=groups,
+                      name='stage0_0')(x, train=train)
     # Padded with -inf, then a VALID pool: the same maximum as padding=1 in nn.max_pool, in a form
     # ONNX export (jax2onnx, which swaps in its own nn.max_pool) translates; it drops explicit pads.
     x = jnp.pad(nn.relu(x), ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
@@ -211,11 +206,12 @@ class RepMLPResNet(nn.Module):
     features = {}
     for spec in block_specs(self):
       if spec.kind == 'base':
-        block = ResNetBlock(spec, self.deploy, self.dtype, self.precision, name=spec.name)
+        block = ResNetBlock(spec, deploy=self.deploy, dtype=self.dtype,
+                            precision=self.precision, bn_groups=groups, name=spec.name)
       else:
         block = RepMLPResBlock(spec, self.h, self.w, tuple(self.reparam_conv_k),
-                               self.fc1_fc2_reduction, self.deploy, self.dtype, self.precision,
-                               name=spec.name)
+                               self.fc1_fc2_reduction, deploy=self.deploy, dtype=self.dtype,
+                               precision=self.precision, bn_groups=groups, name=spec.name)
       x = block(x, train=train)
       features[f'stage_{spec.stage - 1}'] = x  # The last block of each stage stays.
     pooled = jnp.mean(x, axis=(1, 2))

@@ -27,17 +27,15 @@ Dtype = Any
 Precision = Any
 
 
-class AvgPoolBN(nn.Module):
+class AvgPoolBN(layers.Part):
   """Average of each h x w partition, then (training form only) BatchNorm: the official `avg`."""
-  deploy: bool = False
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     pooled = jnp.mean(x, axis=(2, 4))  # (N, hp, h, wp, w, C) -> (N, hp, wp, C)
     if self.deploy:
       return pooled  # The BatchNorm lives in fc1 now.
-    return layers.batch_norm(train, self.dtype, name='bn')(pooled)
+    return self.norm(train, 'bn')(pooled)
 
 
 class FC1FC2(nn.Module):
@@ -53,7 +51,7 @@ class FC1FC2(nn.Module):
     return nn.Dense(features, dtype=self.dtype, precision=self.precision, name='fc2')(nn.relu(v))
 
 
-class RepMLP(nn.Module):
+class RepMLP(layers.Part):
   """The v1 RepMLP: Global, Partition and Local Perceptrons on a fixed H x W input."""
   in_channels: int
   out_channels: int
@@ -64,9 +62,6 @@ class RepMLP(nn.Module):
   reparam_conv_k: Sequence[int] = ()
   fc1_fc2_reduction: int = 1  # fc1 maps C*hp*wp values to C*hp*wp // reduction.
   fc3_groups: int = 1
-  deploy: bool = False
-  dtype: Dtype = jnp.float32
-  precision: Precision = None
 
   @property
   def has_global_perceptron(self) -> bool:
@@ -102,7 +97,8 @@ class RepMLP(nn.Module):
     n, hp, wp, hw = x.shape[0], self.H // h, self.W // w, h * w
     x = x.reshape(n, hp, h, wp, w, c)
     if self.has_global_perceptron:
-      pooled = AvgPoolBN(self.deploy, self.dtype, name='avg')(x, train=train)  # (N, hp, wp, C)
+      pooled = AvgPoolBN(deploy=self.deploy, dtype=self.dtype, bn_groups=self.bn_groups,
+                         name='avg')(x, train=train)  # (N, hp, wp, C)
       # Flattened channel-major (c, i, j) as the official code, so fc1/fc2 import by transposing.
       v = pooled.transpose(0, 3, 1, 2).reshape(n, c * hp * wp)
       v = FC1FC2(c * hp * wp // self.fc1_fc2_reduction, self.dtype, self.precision,
@@ -117,12 +113,12 @@ class RepMLP(nn.Module):
     if self.deploy:
       out = out + self.param('fc3_bias', nn.initializers.zeros, (o * hw,)).astype(self.dtype)
     else:
-      out = layers.batch_norm(train, self.dtype, name='fc3_bn')(out)
+      out = self.norm(train, 'fc3_bn')(out)
       if self.reparam_conv_k:
         maps = x.transpose(0, 1, 3, 2, 4, 5).reshape(n * hp * wp, h, w, c)
         for k in self.reparam_conv_k:
-          y = layers.ConvBN(o, k, padding=k // 2, groups=g, dtype=self.dtype,
-                            precision=self.precision, name=f'repconv{k}')(maps, train=train)
+          y = self.conv_bn(o, k, padding=k // 2, groups=g, name=f'repconv{k}')(maps,
+                                                                               train=train)
           out = out + y.reshape(n, hp, wp, hw, o).transpose(0, 1, 2, 4, 3).reshape(out.shape)
     out = out.reshape(n, hp, wp, o, h, w).transpose(0, 1, 4, 2, 5, 3)
     return out.reshape(n, self.H, self.W, o)

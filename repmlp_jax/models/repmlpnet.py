@@ -17,34 +17,6 @@ from repmlp_jax.models import batch_norm as bn_lib
 from repmlp_jax.models import layers
 
 
-@functools.partial(jax.jit, static_argnames=('unit', 'train', 'mutable', 'num_groups'))
-def _apply_unit(variables, x, *, unit, train, mutable, num_groups):
-  """One unit applied to its own variables: (output, new batch_stats or None).
-
-  Jitted so that JAX traces (and differentiates, and lowers) each distinct unit once, however
-  many units share its settings and input shape; XLA inlines every call, so the compiled
-  program is the one the units called in place give. `num_groups` (the BatchNorm groups, which
-  the BatchNorms read from their context while traced) is a key of the trace cache only.
-  """
-  del num_groups
-  if mutable:
-    y, updates = unit.apply(variables, x, train=train, mutable=['batch_stats'])
-    return y, updates['batch_stats']
-  return unit.apply(variables, x, train=train), None
-
-
-def _inspected() -> bool:
-  """Whether a flax method interceptor or capture_intermediates is active: they must see every
-  unit's submodules under their own names, so the units are then called in place."""
-  # flax keeps both in module-level state, which it exposes no public reader for. A flax that
-  # keeps them elsewhere gets the units called in place: always right, only traced more often.
-  interceptors = getattr(nn.module, '_global_interceptor_stack', None)
-  captures = getattr(getattr(nn.module, '_context', None), 'capture_stack', None)
-  if interceptors is None or captures is None:
-    return True
-  return bool(interceptors) or any(captures)
-
-
 # Official settings (authors' repository; REFERENCE table). `partitions` is h = w per stage.
 ARCH_SETTINGS: dict[str, dict[str, Any]] = {
     'RepMLPNet-T224': dict(channels=(64, 128, 256, 512), depths=(2, 2, 6, 2),
@@ -82,14 +54,8 @@ class RepMLPNet(nn.Module):
   precision: Any = None
   # Run each stage's identical units as one lax.scan over their stacked variables: the same
   # computation, the variables keep their per-unit names, and the program holds one unit per
-  # stage instead of every unit (B224: 4 instead of 18). Off by default: on XLA:CPU it did not
-  # shorten the compilation of the B224 training step (README, Training on accelerators).
+  # stage instead of every unit (B224: 4 instead of 18). Off by default (benchmarks/README.md).
   scan_units: bool = False
-  # Trace each distinct unit once (a nested jax.jit over the unit's variables; B224: 4 traces
-  # instead of 18): the same compiled program, traced and lowered in less time (B224's training
-  # step: 1-2.5 s of CPU less, of 4.5-5.5). Units are called in place while the model
-  # initializes and under flax's method interceptors or capture_intermediates.
-  jit_units: bool = True
 
   @property
   def input_multiple(self) -> int:
@@ -108,8 +74,7 @@ class RepMLPNet(nn.Module):
       raise ValueError(f'reparam_conv_k must hold odd kernel sizes; got {self.reparam_conv_k}.')
 
   def check_input(self, x: jax.Array) -> None:
-    if x.ndim != 4 or x.shape[-1] != 3:
-      raise ValueError(f'RepMLPNet takes NHWC images with 3 channels; got shape {x.shape}.')
+    layers.check_images(x, 'RepMLPNet')
     m = self.input_multiple
     height, width = x.shape[1:3]
     if height % m or width % m:
@@ -119,12 +84,15 @@ class RepMLPNet(nn.Module):
           f'crop the images to such a size.')
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False):
+  def __call__(self, x: jax.Array, *, train: bool = False, return_features: bool = False,
+               bn_group_size: int = 0):
     """Classifies NHWC images.
 
     Args:
       x: (N, H, W, 3) images, H and W multiples of `input_multiple`.
       train: batch statistics for BatchNorm (needs mutable=['batch_stats']).
+      bn_group_size: in training, BatchNorm statistics per group of this many consecutive images
+        (as each GPU's under PyTorch's DistributedDataParallel); 0: the whole batch.
       return_features: also return every stage's output.
     Returns:
       logits (N, num_classes), or with `return_features` a dict holding `stage_0` .. `stage_3`
@@ -132,8 +100,9 @@ class RepMLPNet(nn.Module):
     """
     self.check_settings()
     self.check_input(x)
-    conv_bn = lambda *a, **k: layers.ConvBN(*a, deploy=self.deploy, dtype=self.dtype,
-                                            precision=self.precision, **k)
+    groups = bn_lib.num_groups(x.shape[0], bn_group_size) if train else 1
+    conv_bn = functools.partial(layers.ConvBN, deploy=self.deploy, dtype=self.dtype,
+                                precision=self.precision, bn_groups=groups)
     x = x.astype(self.dtype)
     x = nn.relu(conv_bn(self.channels[0], 4, strides=4, name='conv_embedding')(x, train=train))
     features = {}
@@ -144,36 +113,22 @@ class RepMLPNet(nn.Module):
       gp_hidden = layers.make_divisible(c // 4, self.gp_hidden_divisor)
       unit = functools.partial(layers.RepMLPNetUnit, c, p, p, shareset,
                                tuple(self.reparam_conv_k), gp_hidden, self.ffn_expand,
-                               deploy=self.deploy, dtype=self.dtype, precision=self.precision)
+                               deploy=self.deploy, dtype=self.dtype, precision=self.precision,
+                               bn_groups=groups)
       names = [f'stages_{s}_{b}' for b in range(depth)]
       if self.scan_units and depth > 1 and not self.is_initializing():
         x = self._scan_units(unit(parent=None), names, x, train)
-      elif self.jit_units and not self.is_initializing() and not _inspected():
-        for name in names:
-          x = self._jit_unit(unit(parent=None), name, x, train)
       else:
         for name in names:
           x = unit(name=name)(x, train=train)
       features[f'stage_{s}'] = x
-    x = layers.batch_norm(train, self.dtype, name='head_norm')(x)
+    x = layers.batch_norm(train, self.dtype, name='head_norm', groups=groups)(x)
     pooled = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, precision=self.precision,
                       name='head')(pooled)
     if return_features:
       return {**features, 'pre_logits': pooled, 'logits': logits}
     return logits
-
-  def _jit_unit(self, unit: nn.Module, name: str, x: jax.Array, train: bool) -> jax.Array:
-    """Applies the unit `name` through `_apply_unit`; in training its new BatchNorm statistics
-    are written back under its name, as if it had been called in place."""
-    variables = {c: self.variables[c][name] for c in ('params', 'batch_stats')
-                 if c in self.variables}
-    mutable = train and self.is_mutable_collection('batch_stats')
-    y, stats = _apply_unit(variables, x, unit=unit, train=train, mutable=mutable,
-                           num_groups=bn_lib.current_num_groups())
-    if mutable:
-      self.put_variable('batch_stats', name, stats)
-    return y
 
   def _scan_units(self, unit: nn.Module, names: Sequence[str], x: jax.Array,
                   train: bool) -> jax.Array:

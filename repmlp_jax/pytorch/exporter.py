@@ -4,7 +4,9 @@ The model's family (`repmlp_jax.families`) gives the key map. A training-form mo
 authors' training layout (their model loads it strictly); a deploy-form model gives a state_dict
 that the official deploy model (`deploy=True`) loads strictly and that computes the same logits.
 `layout='mmpretrain'` writes mmpretrain's key names instead (RepMLPNet only), wrapped as
-{'state_dict': ..., 'meta': {...}} in a file.
+{'state_dict': ..., 'meta': {...}} in a .pth file. A `.safetensors` file holds the same flat
+state_dict (either layout, no wrapper), written without torch, as `safetensors.torch.save_file`
+would.
 """
 
 import collections
@@ -12,10 +14,11 @@ import os
 from typing import Any
 
 import flax.linen as nn
+import numpy as np
 
-from repmlp_jax import atomic_write as new_file
 from repmlp_jax import outputs
 from repmlp_jax import families
+from repmlp_jax import hub
 from repmlp_jax.pytorch import files as torch_files
 
 LAYOUTS = ('official', 'mmpretrain')
@@ -36,6 +39,11 @@ def to_torch_state_dict(model: nn.Module, variables: Any, *,
     ValueError: an unknown layout, one the family lacks, or a family without PyTorch checkpoints.
   """
   torch = torch_files.require_torch()
+  return collections.OrderedDict((k, torch.from_numpy(v.copy()))
+                                 for k, v in _arrays(model, variables, layout).items())
+
+
+def _arrays(model: nn.Module, variables: Any, layout: str) -> dict[str, np.ndarray]:
   if layout not in LAYOUTS:
     raise ValueError(f'Unknown layout {layout!r}; choose one of {LAYOUTS}.')
   keys = families.torch_keys_of(model)
@@ -45,7 +53,7 @@ def to_torch_state_dict(model: nn.Module, variables: Any, *,
   arrays = keys.to_torch(variables, model)
   if layout == 'mmpretrain':
     arrays = keys.mmpretrain.to_layout(arrays)
-  return collections.OrderedDict((k, torch.from_numpy(v.copy())) for k, v in arrays.items())
+  return arrays
 
 
 def save_torch(path: str | os.PathLike, model: nn.Module, variables: Any, *,
@@ -53,18 +61,25 @@ def save_torch(path: str | os.PathLike, model: nn.Module, variables: Any, *,
   """Writes `to_torch_state_dict(model, variables)` with torch.save; never overwrites.
 
   The official layout is a raw state_dict (like the released files); mmpretrain's is
-  {'state_dict': ..., 'meta': {}}. The file is written atomically (`atomic_write`), so an
-  interrupted export leaves no partial file.
+  {'state_dict': ..., 'meta': {}}. A path ending in `.safetensors` gets the flat state_dict as
+  a safetensors file instead (no torch needed; the `hub` extra). The file is written atomically
+  (`outputs.write_new_file`), so an interrupted export leaves no partial file.
 
   Args:
-    path: the .pth file to create; must not exist.
+    path: the .pth or .safetensors file to create (local or gs://); must not exist.
     model, variables: as for `to_torch_state_dict`.
     layout: 'official' or 'mmpretrain'.
   Returns:
     The absolute path written.
   """
-  torch = torch_files.require_torch()
   outputs.check_new_output(path)  # Before the conversion, which can take a while.
+  if os.fspath(path).endswith('.safetensors'):
+    safetensors_numpy = hub.require_safetensors()
+    data = safetensors_numpy.save(
+        {k: np.ascontiguousarray(v) for k, v in _arrays(model, variables, layout).items()},
+        metadata={'format': 'pt'})
+    return outputs.write_new_file(path, lambda f: f.write(data))
+  torch = torch_files.require_torch()
   sd = to_torch_state_dict(model, variables, layout=layout)
   obj = sd if layout == 'official' else {'state_dict': sd, 'meta': {}}
-  return new_file.write_new_file(path, lambda f: torch.save(obj, f))
+  return outputs.write_new_file(path, lambda f: torch.save(obj, f))

@@ -34,6 +34,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from repmlp_jax import hub
+from repmlp_jax import storage
 
 # Keys holding the model's weights in checkpoints that wrap them, in order of preference.
 MODEL_KEYS = ('model', 'state_dict', 'module', 'net', 'network')
@@ -204,7 +205,7 @@ def load_file(path: str | os.PathLike) -> tuple[Any, str]:
   """Loads a torch.save file without executing code from it.
 
   Args:
-    path: a .pth / .pt file (zip or legacy format).
+    path: a .pth / .pt file (zip or legacy format), local or gs://.
   Returns:
     (the unpickled object with tensors on the CPU, the format: 'zip' or 'legacy').
   Raises:
@@ -212,6 +213,9 @@ def load_file(path: str | os.PathLike) -> tuple[Any, str]:
   """
   torch = require_torch()
   path = os.fspath(path)
+  if storage.is_remote(path):
+    with storage.local_file(path) as local:
+      return load_file(local)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'No checkpoint file at {path}.')
   fmt = _file_format(path)
@@ -341,13 +345,17 @@ def read_torch_checkpoint(path_or_state_dict: Any, *, use_ema: bool = False) -> 
   """Reads a checkpoint file (or an in-memory state_dict) into a flat numpy state_dict.
 
   Args:
-    path_or_state_dict: a .pth / .pt / .safetensors path, or a mapping (a state_dict or a
-      checkpoint dict).
+    path_or_state_dict: a .pth / .pt / .safetensors path (local or gs://), or a mapping (a
+      state_dict or a checkpoint dict).
     use_ema: take the EMA weights instead of the model's.
   Returns:
     TorchFile: the arrays (keys as stored, minus wrappers and a `module.` prefix) and where they
     came from.
   """
+  if not isinstance(path_or_state_dict, Mapping) and storage.is_remote(path_or_state_dict):
+    with storage.local_file(path_or_state_dict) as local:
+      return dataclasses.replace(read_torch_checkpoint(local, use_ema=use_ema),
+                                 source=os.fspath(path_or_state_dict))
   if (not isinstance(path_or_state_dict, Mapping)
       and os.path.isfile(os.fspath(path_or_state_dict))
       and _file_format(os.fspath(path_or_state_dict)) == 'safetensors'):

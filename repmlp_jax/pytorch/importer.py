@@ -11,14 +11,15 @@ import dataclasses
 import os
 from typing import Any, Mapping
 
+import chex
 import flax.linen as nn
 import jax
 import numpy as np
 
 from repmlp_jax import families
-from repmlp_jax.models import factory as models
+from repmlp_jax.models import factory
 from repmlp_jax.reparameterize import deploy as reparameterize
-from repmlp_jax.pytorch import mapping as state_dict_mapping
+from repmlp_jax.pytorch import mapping
 from repmlp_jax.pytorch import files as torch_files
 
 
@@ -35,13 +36,13 @@ class TorchImport:
 
   def describe(self) -> str:
     """What was detected, in words."""
-    variant = self.name
-    if variant is None:
-      settings = families.torch_keys_of(self.model).describe(self.model)
-      variant = f'custom {type(self.model).__name__} ({settings})'
+    if self.name is None:  # The settings in words name the class and num_classes.
+      variant = f'custom {families.torch_keys_of(self.model).describe(self.model)}'
+    else:
+      variant = f'{self.name}, num_classes={self.model.num_classes}'
     lines = [f'read: {self.file.describe()}',
              f'layout: {self.layout}; form in file: {"deploy" if self.file_deploy else "training"}',
-             f'model: {variant}, num_classes={self.model.num_classes}'
+             f'model: {variant}'
              + (f', gp_hidden_divisor={self.model.gp_hidden_divisor}'
                 if getattr(self.model, 'gp_hidden_divisor', 1) != 1 else '')]
     if self.reparameterized:
@@ -73,13 +74,13 @@ def _official_names(sd: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
 def _model_class(sd: Mapping[str, Any], name: str | None) -> type[nn.Module]:
   """The named model's class, or the class whose official state_dicts look like `sd`."""
   if name is not None:
-    return models.MODELS[models.resolve_name(name)][0]
+    return factory.MODELS[factory.resolve_name(name)][0]
   cls = families.for_state_dict(sd)
   if cls is None:
     markers = ', '.join(f'{f.torch_keys.marker} ({f.name})' for f in families.FAMILIES.values()
                         if f.torch_keys is not None)
     sample = ', '.join(list(sd)[:5])
-    raise state_dict_mapping.DetectionError(
+    raise mapping.DetectionError(
         f'Not a checkpoint of a known model: none of the keys {markers} is present; the keys '
         f'begin with: {sample}. Pass the model name to see a full key report.')
   return cls
@@ -89,7 +90,7 @@ def _detected_model(cls: type[nn.Module], found: str | None, overrides: dict[str
                     deploy: bool) -> nn.Module:
   if found is None:
     return cls(**overrides, deploy=deploy)
-  return models.create_model(found, deploy=deploy, **overrides)
+  return factory.create_model(found, deploy=deploy, **overrides)
 
 
 def _model_for(cls: type[nn.Module], sd: Mapping[str, np.ndarray], name: str | None
@@ -104,18 +105,18 @@ def _model_for(cls: type[nn.Module], sd: Mapping[str, np.ndarray], name: str | N
   if name is None:
     found, overrides, deploy = keys.detect(sd)
     return _detected_model(cls, found, overrides, deploy), found, None
-  name = models.resolve_name(name)
+  name = factory.resolve_name(name)
   try:
     found, overrides, deploy = keys.detect(sd)
     detected = _detected_model(cls, found, overrides, deploy)
     overrides = {k: overrides[k] for k in keys.file_settings if k in overrides}
-  except state_dict_mapping.DetectionError:
+  except mapping.DetectionError:
     # The check of every key against the named model reports what is wrong in full.
     detected = None
     deploy = keys.is_deploy(sd)
     classifier = f'{family.classifier}.weight'
     overrides = {'num_classes': np.shape(sd[classifier])[0]} if classifier in sd else {}
-  return models.create_model(name, deploy=deploy, **overrides), name, detected
+  return factory.create_model(name, deploy=deploy, **overrides), name, detected
 
 
 def _named(model: nn.Module, name: str | None, keys: Any) -> str:
@@ -123,7 +124,7 @@ def _named(model: nn.Module, name: str | None, keys: Any) -> str:
   form = 'deploy' if model.deploy else 'training'
   if name is None:
     return f'a custom {keys.describe(model)}'
-  return f'{models.resolve_name(name)} ({form} form)'
+  return f'{factory.resolve_name(name)} ({form} form)'
 
 
 def import_torch(path_or_state_dict: Any, name: str | None = None, *, deploy: bool | None = None,
@@ -139,14 +140,16 @@ def import_torch(path_or_state_dict: Any, name: str | None = None, *, deploy: bo
                      'training form; load it with deploy=None or deploy=True.')
   try:
     variables = keys.from_torch(sd, model)
-  except state_dict_mapping.KeyMismatchError as e:
+  except mapping.KeyMismatchError as e:
     if detected is None or detected == model:
       raise
     hint = (f'{_named(model, found, keys)}; the file holds '
             f'{_named(detected, keys.detect(sd)[0], keys)}, which loads without a name '
             '(drop --model)')
-    raise state_dict_mapping.KeyMismatchError(hint, e.missing, e.unexpected, e.misshaped) from None
+    raise mapping.KeyMismatchError(hint, e.missing, e.unexpected, e.misshaped) from None
   variables = jax.tree.map(jax.numpy.asarray, variables)
+  # What every key map guarantees (its own checks ran above): float32 variables that fit.
+  chex.assert_trees_all_equal_shapes_and_dtypes(variables, factory.abstract_variables(model))
   result = TorchImport(model, variables, found, model.deploy, layout, file, False)
   if deploy and not model.deploy:
     result.model, result.variables = reparameterize.reparam(model, variables)

@@ -29,9 +29,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from repmlp_jax.models import layers
-from repmlp_jax.models import factory as models
+from repmlp_jax.models import factory
 from repmlp_jax.models import repmlpnet
-from repmlp_jax.pytorch import mapping as state_dict_mapping
+from repmlp_jax.pytorch import mapping
 
 BN_KEYS = ('weight', 'bias', 'running_mean', 'running_var')
 OFFICIAL_KERNELS = (1, 3)
@@ -69,10 +69,13 @@ def _rename(key: str, prefixes, infixes) -> str:
   return key
 
 
+def _swapped(pairs) -> tuple[tuple[str, str], ...]:
+  return tuple((new, old) for old, new in pairs)
+
+
 def from_mmpretrain(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   """mmpretrain key names -> the official ones (same arrays, same order)."""
-  swap = lambda pairs: tuple((new, old) for old, new in pairs)  # noqa: E731
-  return {_rename(k, swap(MMPRETRAIN_PREFIXES), swap(MMPRETRAIN_INFIXES)): v
+  return {_rename(k, _swapped(MMPRETRAIN_PREFIXES), _swapped(MMPRETRAIN_INFIXES)): v
           for k, v in state_dict.items()}
 
 
@@ -166,7 +169,7 @@ def check_state_dict(state_dict: Mapping[str, np.ndarray], model: repmlpnet.RepM
   groups = _groups(model)
   bn_counters = {f'{p}.num_batches_tracked' for p in _bn_prefixes(groups)}
   got = {k: tuple(np.shape(v)) for k, v in state_dict.items() if k not in bn_counters}
-  state_dict_mapping.check_keys(describe(model), torch_shapes(model), got)
+  mapping.check_keys(describe(model), torch_shapes(model), got)
 
 
 def _set(tree: dict, path: tuple[str, ...], value: np.ndarray) -> None:
@@ -325,7 +328,7 @@ def variables_to_torch(variables: Mapping[str, Any],
 
 # The error every family's detect raises (the RepMLPNet settings cannot be read: unknown,
 # inconsistent or ambiguous).
-DetectionError = state_dict_mapping.DetectionError
+DetectionError = mapping.DetectionError
 
 
 def is_deploy(state_dict: Mapping[str, np.ndarray]) -> bool:
@@ -419,7 +422,7 @@ def detect(state_dict: Mapping[str, np.ndarray]) -> tuple[str | None, dict[str, 
     extras['gp_hidden_divisor'] = divisor
   if int(next(iter(expand))) != 4:
     extras['ffn_expand'] = int(next(iter(expand)))
-  for name, (cls, arch) in models.MODELS.items():
+  for name, (cls, arch) in factory.MODELS.items():
     if cls is repmlpnet.RepMLPNet and all(
         tuple(arch.get(k, OFFICIAL_KERNELS)) == v for k, v in settings.items()):
       return name, extras, deploy

@@ -20,10 +20,10 @@ import numpy as np
 
 from repmlp_jax.models import factory
 from repmlp_jax.models import repmlp_resnet
-from repmlp_jax.pytorch import mapping as state_dict_mapping
+from repmlp_jax.pytorch import mapping
 
 _FAMILY = 'RepMLP-ResNet / ResNet-50 (v1 keys)'
-DetectionError = state_dict_mapping.DetectionError  # What detect raises, as every family's.
+DetectionError = mapping.DetectionError  # What detect raises, as every family's.
 
 
 class _Entry(NamedTuple):
@@ -158,7 +158,7 @@ def variables_from_torch(state_dict: Mapping[str, np.ndarray], model) -> dict[st
   expected = {e.torch_key: _torch_shape(e.layout, () if e.collection is None else
                                         _leaf(abstract[e.collection], e.path).shape)
               for e in layout}
-  state_dict_mapping.check_keys(describe(model), expected,
+  mapping.check_keys(describe(model), expected,
                                 {k: np.shape(v) for k, v in state_dict.items()})
   variables: dict[str, Any] = {}
   for e in layout:

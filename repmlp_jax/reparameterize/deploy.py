@@ -7,9 +7,12 @@ its own module of this package and is found through the family registry (`repmlp
 import functools
 from typing import Any, Mapping
 
+import chex
 import jax
+from flax import traverse_util
 
 from repmlp_jax import families
+from repmlp_jax.models import factory
 
 Params = Mapping[str, Any]
 
@@ -19,7 +22,19 @@ def reparam_variables(model, variables: Params) -> dict[str, Any]:
   rule = families.of(model).reparam_variables  # TypeError for an unregistered model class.
   if model.deploy:
     raise ValueError('reparam takes a training-form model; this one is already deploy=True.')
+  _check_variables_fit(model, variables)
   return rule(model, variables)
+
+
+def _check_variables_fit(model, variables: Params) -> None:
+  """Refuses another model's variables, which the rules would turn into a misfit deploy tree."""
+  # Flattened: a FrozenDict and a dict of the same variables compare equal. Shapes only: the
+  # variables may be held in another dtype than the model's parameters (float64 proofs).
+  expected = traverse_util.flatten_dict(factory.abstract_variables(model), sep='/')
+  try:
+    chex.assert_trees_all_equal_shapes(traverse_util.flatten_dict(variables, sep='/'), expected)
+  except AssertionError as e:
+    raise ValueError(f'The variables do not fit this {type(model).__name__}: {e}') from None
 
 
 @functools.partial(jax.jit, static_argnums=0)

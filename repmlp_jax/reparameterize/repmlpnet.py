@@ -21,7 +21,7 @@ Params = Mapping[str, Any]
 
 
 def fuse_repmlp_block(params: Params, stats: Params, h: int, w: int) -> dict[str, Any]:
-  """RepMLPBlock training variables -> deploy params {'gp', 'fc3' (S, hw, hw), 'fc3_bias' (S, hw)}."""
+  """RepMLPBlock training variables -> deploy {'gp', 'fc3' (S, hw, hw), 'fc3_bias' (S, hw)}."""
   scale, shift = bn_scale_shift(params['fc3_bn'], stats['fc3_bn'])  # (S,)
   fc3 = params['fc3'] * scale[:, None, None]  # (S, h*w, h*w): BN scales each output.
   bias = jnp.broadcast_to(shift[:, None], fc3.shape[:2])  # (S, h*w)

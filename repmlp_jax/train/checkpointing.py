@@ -3,7 +3,8 @@ last checkpoint and the best one (highest eval top-1), restores into sharded abs
 turns SIGTERM / a preemption notice into a save at the next step boundary.
 
 Every process calls save and restore (orbax writes from the primary host and synchronises the
-others). Saves are synchronous.
+others). Saves are synchronous. The directory is local or gs:// (`repmlp_jax.storage`): on a pod
+every host must see the same checkpoints, so there the workdir is a bucket.
 """
 
 import os
@@ -11,13 +12,13 @@ import signal
 import threading
 from typing import Any
 
-from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from repmlp_jax import outputs
+from repmlp_jax import storage
 
 BEST_METRIC = 'top1'
 _ITEM = 'default'  # The folder of a CheckpointManager step that holds the single item.
@@ -30,29 +31,28 @@ class Checkpoints:
     """Opens (creating if needed) `directory`.
 
     Args:
-      directory: where step directories `<step>/` are written.
+      directory: where step directories `<step>/` are written, local or gs://.
       best_metric: key of the eval metrics whose maximum marks the best checkpoint.
     """
-    self.directory = os.path.abspath(os.fspath(directory))
+    self.directory = storage.name(directory)
     keep = policies.AnyPreservationPolicy([
         policies.LatestN(n=1),
         policies.BestN(get_metric_fn=lambda metrics: metrics[best_metric], n=1,
                        keep_checkpoints_without_metrics=False),
     ])
     # Synchronous saves: the state is donated to the next step, and a save every few thousand
-    # steps costs seconds; a finished save() is a complete checkpoint.
+    # steps costs seconds; a finished save() is a complete checkpoint. What a killed save left
+    # behind is removed when the next start opens the directory.
     options = ocp.CheckpointManagerOptions(preservation_policy=keep, create=True,
-                                           enable_async_checkpointing=False)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+                                           enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=True)
+    with storage.reaching(self.directory):
+      self._manager = ocp.CheckpointManager(storage.resolve(self.directory), options=options)
     self._failed = False
 
   def latest_step(self) -> int | None:
     """The step of the newest complete checkpoint, or None."""
     return self._manager.latest_step()
-
-  def best_step(self) -> int | None:
-    """The step of the checkpoint with the highest best_metric, or None."""
-    return self._manager.best_step()
 
   def all_steps(self) -> list[int]:
     """The steps of every complete checkpoint, oldest first."""
@@ -63,7 +63,7 @@ class Checkpoints:
     # The handler reads only the tree's metadata (a Checkpointer would also warn about the step
     # metadata it looks for).
     metadata = ocp.StandardCheckpointHandler().metadata(
-        epath.Path(self.directory) / str(step) / _ITEM)
+        storage.resolve(self.directory) / str(step) / _ITEM)
     return getattr(metadata, 'tree', metadata)
 
   def set_aside(self, step: int, folder: str) -> str:
@@ -72,16 +72,17 @@ class Checkpoints:
     Returns:
       Where it went.
     """
-    target = os.path.join(os.path.dirname(self.directory), folder, str(step))
+    directory = storage.resolve(self.directory)
+    target = directory.parent / folder / str(step)
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      if os.path.exists(target):
-        target += f'.{len(os.listdir(os.path.dirname(target)))}'
-      os.rename(os.path.join(self.directory, str(step)), target)
+      storage.make_parents(target)
+      if target.exists():
+        target = target.parent / f'{step}.{len(list(target.parent.iterdir()))}'
+      storage.move(directory / str(step), target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices('repmlp_jax set_aside')
     self._manager.reload()
-    return target
+    return os.fspath(target)
 
   def restore(self, abstract_state: Any, step: int | None = None) -> Any:
     """Reads a checkpoint into the shapes, dtypes and shardings of `abstract_state`.
@@ -97,6 +98,22 @@ class Checkpoints:
       raise FileNotFoundError(f'No checkpoint in {self.directory}.')
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
+  def restore_part(self, step: int, keys: tuple[str, ...],
+                   sharding: jax.sharding.Sharding) -> dict[str, Any]:
+    """Reads only the top-level entries `keys` of checkpoint `step` (e.g. the params for an
+    export; the optimizer state is left unread), every array placed with `sharding`."""
+    stored = self.stored_shapes(step)
+    missing = [k for k in keys if k not in stored]
+    if missing:
+      raise KeyError(missing[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                            {k: stored[k] for k in keys})
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+      return checkpointer.restore(
+          storage.resolve(self.directory) / str(step) / _ITEM, args=ocp.args.PyTreeRestore(
+              item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+              partial_restore=True))
+
   def save(self, step: int, state: Any, metrics: dict[str, float] | None = None) -> None:
     """Writes `state` as checkpoint `step` (atomically: a temporary directory, then renamed).
 
@@ -111,7 +128,7 @@ class Checkpoints:
     last = self.latest_step()
     kept = (f'the last good checkpoint is step {last} in {self.directory}' if last is not None
             else 'no checkpoint had been written yet')
-    with outputs.writing(os.path.join(self.directory, str(step)),
+    with outputs.writing(storage.resolve(self.directory) / str(step),
                          kept=kept + '; free space, then rerun the same command to resume'):
       try:
         self._manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)

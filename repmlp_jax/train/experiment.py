@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from repmlp_jax.data import mixup
 from repmlp_jax.models import batch_norm
-from repmlp_jax.models import factory as models
+from repmlp_jax.models import factory
 from repmlp_jax.train import ema
 from repmlp_jax.train import optim
 from repmlp_jax.reparameterize import deploy as reparameterize
@@ -28,9 +28,6 @@ from repmlp_jax.train import sharding
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
-# The most recent Experiment.cached(...) result and its key: one entry only, it holds compiled
-# executables.
-_LAST_EXPERIMENT: dict[str, Any] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +70,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modul
   overrides = {k: (tuple(v) if isinstance(v, list) else v)
                for k, v in config.model_overrides.to_dict().items()}
   compute = {'dtype': config.get('dtype', 'float32'), 'precision': config.get('precision')}
-  model = models.create_model(config.model, num_classes=num_classes, **{**compute, **overrides})
+  model = factory.create_model(config.model, num_classes=num_classes, **{**compute, **overrides})
   for size_name in ('image_size', 'eval_image_size'):
     size = config[size_name]
     if size % model.input_multiple:
@@ -123,6 +120,8 @@ class Experiment:
       mesh: default: every device, sharding.create_mesh().
     """
     self.config = config
+    # What the jitted functions were built from, kept apart from `config`, which can change.
+    self._config_json = config.to_json_best_effort(sort_keys=True)
     self.num_classes = num_classes
     self.steps = steps
     self.mesh = mesh or sharding.create_mesh()
@@ -151,19 +150,9 @@ class Experiment:
     self.eval_counts = jax.jit(functools.partial(self._eval_counts, self.model))
     self.deploy_eval_counts = jax.jit(functools.partial(self._eval_counts, self.deploy_model))
 
-  @classmethod
-  def cached(cls, config: ml_collections.ConfigDict, *, num_classes: int, steps: Steps,
-             mesh: Mesh | None = None) -> 'Experiment':
-    """Like the constructor, but returns the previous Experiment if everything is the same, so
-    that running the same config again in one process (resuming in a notebook, a sweep over
-    restarts) reuses the compiled functions instead of compiling them again."""
-    mesh = mesh or sharding.create_mesh()
-    key = (config.to_json_best_effort(sort_keys=True), num_classes, steps, mesh)
-    if _LAST_EXPERIMENT.get('key') != key:
-      _LAST_EXPERIMENT.clear()
-      _LAST_EXPERIMENT.update(key=key, value=cls(config, num_classes=num_classes, steps=steps,
-                                                 mesh=mesh))
-    return _LAST_EXPERIMENT['value']
+  def built_from(self, config: ml_collections.ConfigDict) -> bool:
+    """Whether `config` equals the config this Experiment was built from (then it can run it)."""
+    return self._config_json == config.to_json_best_effort(sort_keys=True)
 
   def _init(self) -> State:
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(self.config.seed))
@@ -194,10 +183,9 @@ class Experiment:
                       targets: jax.Array):
     def loss_fn(params):
       # BatchNorm groups of bn_group_size images (the authors' per-GPU BatchNorm), per forward.
-      with batch_norm.grouped_statistics(images.shape[0], self.config.bn_group_size):
-        logits, updates = self.model.apply(
-            {'params': params, 'batch_stats': batch_stats}, images, train=True,
-            mutable=['batch_stats'])
+      logits, updates = self.model.apply(
+          {'params': params, 'batch_stats': batch_stats}, images, train=True,
+          bn_group_size=self.config.bn_group_size, mutable=['batch_stats'])
       # At least float32 (float64 kept: the step is compared with PyTorch's in float64).
       logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
       loss = optax.softmax_cross_entropy(logits, targets).mean()

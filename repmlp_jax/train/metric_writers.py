@@ -5,6 +5,10 @@ terminal, plain lines in a log) and scalar metrics written both to TensorBoard (
 
 A resumed run appends to the same files; TensorBoard and the JSON lines may then hold the steps
 between the last checkpoint and the interruption twice (the later entries are the kept run's).
+
+In a gs:// workdir, where objects cannot be appended to, metrics.jsonl is uploaded whole after
+every write (it holds one short line per logged step); TensorBoard's event files go through
+TensorFlow's own GCS client.
 """
 
 import datetime
@@ -18,24 +22,41 @@ from typing import Mapping, TextIO
 import jax
 import tqdm
 
+from repmlp_jax import storage
+
 
 class MetricWriter:
   """Scalars to TensorBoard and to metrics.jsonl; a no-op on processes other than 0."""
 
-  def __init__(self, workdir: str | os.PathLike, *, enabled: bool | None = None):
+  def __init__(self, workdir: str | os.PathLike, *, enabled: bool | None = None,
+               tensorboard: bool = True):
+    """Opens the files in `workdir` (local or gs://) on process 0.
+
+    Args:
+      workdir: the run's directory.
+      enabled: whether this process writes (default: process 0 only).
+      tensorboard: also write TensorBoard event files.
+    """
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._writer = self._file = None
+    self._lines = None  # The whole metrics.jsonl, kept when it is uploaded whole.
     if self.enabled:
-      import tensorflow as tf  # The data pipeline's dependency; imported only where used.
-      from tensorflow.core.framework import summary_pb2
-      os.makedirs(workdir, exist_ok=True)
-      self._tf = tf
-      # What TensorBoard's scalar plugin reads; written with tf.summary.write so that the
-      # tensorboard package is not needed to write (only to view).
-      self._metadata = summary_pb2.SummaryMetadata(
-          plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars'))
-      self._writer = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
-      self._file = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+      directory = storage.resolve(workdir)
+      storage.make_dirs(directory)
+      self._jsonl = directory / 'metrics.jsonl'
+      if storage.is_remote(directory):
+        self._lines = self._jsonl.read_text(encoding='utf-8') if self._jsonl.exists() else ''
+      else:
+        self._file = open(self._jsonl, 'a', encoding='utf-8')
+      if tensorboard:
+        import tensorflow as tf  # The data pipeline's dependency; imported only where used.
+        from tensorflow.core.framework import summary_pb2
+        self._tf = tf
+        # What TensorBoard's scalar plugin reads; written with tf.summary.write so that the
+        # tensorboard package is not needed to write (only to view).
+        self._metadata = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars'))
+        self._writer = tf.summary.create_file_writer(os.fspath(directory / 'tensorboard'))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     """Records `metrics` (name -> number) at `step`.
@@ -48,21 +69,29 @@ class MetricWriter:
     if not self.enabled:
       return
     values = {name: float(value) for name, value in metrics.items()}
-    with self._writer.as_default(step=step):
-      for name, value in values.items():
-        self._tf.summary.write(name, self._tf.constant(value, self._tf.float32),
-                               metadata=self._metadata)
-    self._writer.flush()
+    if self._writer is not None:
+      with self._writer.as_default(step=step):
+        for name, value in values.items():
+          self._tf.summary.write(name, self._tf.constant(value, self._tf.float32),
+                                 metadata=self._metadata)
+      self._writer.flush()
     record = {'step': int(step)}
     record.update({k: (v if math.isfinite(v) else None) for k, v in values.items()})
-    self._file.write(json.dumps(record) + '\n')
-    self._file.flush()
+    line = json.dumps(record) + '\n'
+    if self._file is not None:
+      self._file.write(line)
+      self._file.flush()
+    else:
+      self._lines += line
+      self._jsonl.write_text(self._lines, encoding='utf-8')
 
   def close(self) -> None:
     """Flushes and closes the files."""
     if self.enabled:
-      self._writer.close()
-      self._file.close()
+      if self._writer is not None:
+        self._writer.close()
+      if self._file is not None:
+        self._file.close()
       self.enabled = False
 
 

@@ -14,16 +14,18 @@ import json
 import os
 from typing import Any, Callable
 
+from flax import traverse_util
 import jax
 import ml_collections
 
+from repmlp_jax import storage
 from repmlp_jax.train import checkpointing
 
 DAMAGED_DIR = 'damaged_checkpoints'
 # Fields that change how long or how often, not what is trained: listed after the others when
 # a workdir's config differs, as the least likely cause of a different state layout.
 RESUMABLE_FIELDS = ('num_epochs', 'num_train_steps', 'eval_every_epochs', 'checkpoint_every_steps',
-                    'log_every_steps', 'data_dir', 'eval_batch_size', 'init_from')
+                    'log_every_steps', 'data_dir', 'eval_batch_size', 'init_from', 'tensorboard')
 _SHOWN = 3
 
 
@@ -41,31 +43,21 @@ def _flat(tree: Any) -> dict[str, tuple[int, ...]]:
           for path, leaf in leaves}
 
 
-def _flat_config(tree: Any, prefix: str = '') -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flat_config(value, f'{prefix}{key}.'))
-    else:
-      flat[prefix + key] = value
-  return flat
-
-
 def config_differences(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
   """'field: old -> new' for every field where the workdir's config.json and `config` differ.
 
   Args:
-    workdir: the run's directory (config.json is the config of its latest start).
+    workdir: the run's directory, local or gs:// (config.json is the config of its latest
+      start).
     config: the config of this start.
   Returns:
     The differences, layout-relevant fields first; empty if there is no config.json.
   """
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
+  path = storage.resolve(workdir) / 'config.json'
+  if not path.is_file():
     return []
-  with open(path, encoding='utf-8') as f:
-    old = _flat_config(json.load(f))
-  new = _flat_config(json.loads(config.to_json_best_effort()))
+  old = traverse_util.flatten_dict(json.loads(path.read_text(encoding='utf-8')), sep='.')
+  new = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep='.')
   changed = sorted((k for k in old.keys() | new.keys() if old.get(k) != new.get(k)),
                    key=lambda k: (k in RESUMABLE_FIELDS, k))
   return [f'{k}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}' for k in changed]
@@ -74,7 +66,7 @@ def config_differences(workdir: str, config: ml_collections.ConfigDict) -> list[
 def _layout_error(checkpoints: checkpointing.Checkpoints, step: int,
                   stored: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
                   config: ml_collections.ConfigDict) -> IncompatibleWorkdirError:
-  workdir = os.path.dirname(checkpoints.directory)
+  workdir = os.fspath(storage.resolve(checkpoints.directory).parent)
   differences = config_differences(workdir, config)
   if differences:
     what = 'the config differs from the one that wrote them: ' + '; '.join(differences[:_SHOWN])

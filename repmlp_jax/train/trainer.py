@@ -7,23 +7,29 @@ Layout of a workdir:
   tensorboard/          the same scalars for TensorBoard
   config.json           the config of the latest start
   damaged_checkpoints/  checkpoints that could not be read, set aside on resuming (recovery.py)
+The workdir may be a gs:// URL (repmlp_jax.storage): on a pod, where every host must see it.
 
 Rerunning the same command resumes from the last checkpoint and continues exactly as an
 uninterrupted run would: the state holds the step and the rng (each step folds the step into
 it) and the input pipeline restarts at that step. SIGTERM / SIGINT (single process) or a
 preemption notice (multi-process) saves a checkpoint at the next step boundary and stops.
 A non-finite loss stops the run with FloatingPointError; every save is preceded by a check of
-all steps since the previous one, so the last checkpoint is always a finite state.
+all steps since the previous one, so the last checkpoint is always a finite state. A start that
+fails before its first step (no data, a bad init_from) leaves the workdir as it found it.
+A finished run ends with one line: its final accuracies and where the deploy model and the
+metrics are.
 """
 
 import dataclasses
 import math
 import os
+import shutil
 from typing import Any, Iterator
 
 import jax
 import ml_collections
 import numpy as np
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from repmlp_jax import families
@@ -31,10 +37,11 @@ from repmlp_jax.train import checkpointing
 from repmlp_jax.data import input_pipeline
 from repmlp_jax import model_io
 from repmlp_jax import outputs
+from repmlp_jax import storage
 from repmlp_jax.train import sharding
-from repmlp_jax.pytorch import mapping as state_dict_mapping
-from repmlp_jax.train import experiment as steps_lib
-from repmlp_jax.train import metric_writers as train_logging
+from repmlp_jax.pytorch import mapping
+from repmlp_jax.train import experiment
+from repmlp_jax.train import metric_writers
 from repmlp_jax.train import profiling
 from repmlp_jax.train import recovery
 from repmlp_jax.tpu import compile_report
@@ -53,7 +60,9 @@ def _check_data_dir(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'dataset={config.dataset!r} needs --config.data_dir=<root with '
                        'train/<class>/* and val/<class>/*>.')
     return
-  if not os.path.isdir(data_dir):
+  with storage.reaching(data_dir):
+    found = storage.resolve(data_dir).is_dir()
+  if not found:
     raise FileNotFoundError(
         f'config.data_dir={data_dir!r} does not exist. For tfds data sets pass the directory '
         f'that holds the prepared data (e.g. the --data_dir of `tfds build {config.dataset}`); '
@@ -92,7 +101,7 @@ def _preprocess(config):
   return dataclasses.replace(input_pipeline.default_preprocess(config.dataset), **overrides)
 
 
-def load_pretrained(exp: steps_lib.Experiment, state: dict[str, Any], path: str) -> dict[str, Any]:
+def load_pretrained(exp: experiment.Experiment, state: dict[str, Any], path: str) -> dict[str, Any]:
   """Replaces the params and BN statistics of a fresh `state` by those of a saved model.
 
   The classifier (the family's, `repmlp_jax.families`: `head` or `linear`) is kept freshly
@@ -110,44 +119,26 @@ def load_pretrained(exp: steps_lib.Experiment, state: dict[str, Any], path: str)
   if source_model.deploy:
     raise ValueError(f'{path} holds a deploy-form model, which cannot be trained; convert or save '
                      'the training form (the official training-time weights).')
-  loaded = {c: dict(_flatten(variables[c])) for c in ('params', 'batch_stats')}
-  new = {c: dict(_flatten(state[c])) for c in ('params', 'batch_stats')}
+  loaded = {c: traverse_util.flatten_dict(variables[c], sep='/')
+            for c in ('params', 'batch_stats')}
+  new = {c: traverse_util.flatten_dict(state[c], sep='/') for c in ('params', 'batch_stats')}
   classifier = families.of(exp.model).classifier + '/'
   for collection in new:
     for key in [k for k in new[collection] if k.startswith(classifier)]:
       if key in loaded[collection] and loaded[collection][key].shape != new[collection][key].shape:
         loaded[collection][key] = new[collection][key]  # New classifier size: fresh head.
-    state_dict_mapping.check_keys(
+    mapping.check_keys(
         f'{exp.config.model} ({collection} of {path})',
         {k: v.shape for k, v in new[collection].items()},
         {k: v.shape for k, v in loaded[collection].items()})
   result = dict(state)
   for collection in new:
-    tree = _unflatten(loaded[collection])
+    tree = traverse_util.unflatten_dict(loaded[collection], sep='/')
     result[collection] = jax.device_put(tree, exp.state_sharding[collection])
   if 'ema' in state:
     result['ema'] = {c: jax.device_put(result[c], exp.state_sharding['ema'][c])
                      for c in ('params', 'batch_stats')}
   return result
-
-
-def _flatten(tree: Any, prefix: str = ''):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from _flatten(value, f'{prefix}{key}/')
-    else:
-      yield f'{prefix}{key}', value
-
-
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for key, value in flat.items():
-    *parents, leaf = key.split('/')
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
 
 
 def _pull_and_check(pending: list[dict[str, jax.Array]], first_step: int,
@@ -169,34 +160,49 @@ def _pull_and_check(pending: list[dict[str, jax.Array]], first_step: int,
 
 def _write_config(config, workdir: str) -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+    (storage.resolve(workdir) / 'config.json').write_text(
+        config.to_json_best_effort(indent=2, sort_keys=True) + '\n', encoding='utf-8')
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def build_experiment(config: ml_collections.ConfigDict) -> experiment.Experiment:
+  """The Experiment train_and_evaluate runs for `config` (its data set's classes and steps)."""
+  _check_data_dir(config)
+  info = input_pipeline.dataset_info(config.dataset, data_dir=config.data_dir)
+  return experiment.Experiment(config, num_classes=info.num_classes,
+                               steps=experiment.derive_steps(config, info.num_train_examples))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       exp: experiment.Experiment | None = None) -> dict[str, Any]:
   """Trains, evaluates and writes the deploy checkpoint; resumes from `workdir` if it can.
 
   Args:
     config: an experiment config (configs/common.py documents every field).
     workdir: where checkpoints, logs and the deploy model go (see the module docstring).
+    exp: `build_experiment(config)`, kept by a caller that runs the same config more than once
+      in one process (a notebook, restarts), whose compiled functions it then reuses.
   Returns:
     The last evaluation's metrics ('top1', 'top5', 'deploy_top1', ...) with 'step', or, when
     stopped by a signal / preemption, {'step': ..., 'preempted': True}.
   """
+  before = _WorkdirSnapshot(workdir)
   workdir = outputs.check_workdir(workdir)  # Before any data is read or anything compiles.
   if config.get('compile_topology'):  # Compile for a TPU target and stop; reads no data.
     return compile_report.compile_for_topology(config, workdir)
-  _check_data_dir(config)
-  info = input_pipeline.dataset_info(config.dataset, data_dir=config.data_dir)
-  steps = steps_lib.derive_steps(config, info.num_train_examples)
-  exp = steps_lib.Experiment.cached(config, num_classes=info.num_classes, steps=steps)
-
-  checkpoints = checkpointing.Checkpoints(os.path.join(workdir, 'checkpoints'))
-  writer = train_logging.MetricWriter(workdir)
-  stop = checkpointing.StopRequest()
-  profiler = profiling.StepProfiler(config.get('profile_steps'), workdir)
-  bar = None
+  checkpoints = writer = stop = profiler = bar = finished = None
+  started = False  # Whether a step ran (or the run was complete): then nothing is undone.
   try:
+    if exp is None:
+      exp = build_experiment(config)
+    elif not exp.built_from(config):
+      raise ValueError('The Experiment passed was built from another config; pass '
+                       'build_experiment(config) of this config, or none.')
+    steps = exp.steps
+
+    checkpoints = checkpointing.Checkpoints(storage.resolve(workdir) / 'checkpoints')
+    writer = metric_writers.MetricWriter(workdir, tensorboard=config.get('tensorboard', True))
+    stop = checkpointing.StopRequest()
+    profiler = profiling.StepProfiler(config.get('profile_steps'), workdir)
     state = recovery.restore_newest_readable(checkpoints, exp.abstract_state, config,
                                              warn=_print_once)
     _write_config(config, workdir)  # After the check against the config that wrote the workdir.
@@ -205,7 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if config.init_from:
         state = load_pretrained(exp, state, config.init_from)
     start = int(jax.device_get(state['step']))
-    bar = train_logging.ProgressBar(total_steps=steps.total, start_step=start,
+    bar = metric_writers.ProgressBar(total_steps=steps.total, start_step=start,
                                     images_per_step=config.global_batch_size)
     if start:
       bar.write(f'Resumed from {checkpoints.directory} at step {start}.')
@@ -215,6 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       batch = sharding.global_batch(next(train_iter), exp.batch_sharding)
       profiler.before_step(step + 1)
       state, measurements = exp.train_step(state, batch)
+      started = True
       pending.append(measurements)
       step += 1
       profiler.after_step(step, (state, measurements))
@@ -240,12 +247,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   f'{checkpoints.directory}. Rerun the same command to resume.')
         return {'step': step, 'preempted': True}
 
+    started = True
     if eval_metrics is None:  # Resumed after the last step: evaluate what was restored.
       eval_metrics = exp.evaluate(state, _eval_batches(config, exp.batch_sharding))
       bar.write(_summary(step, eval_metrics))
-    deploy_dir = os.path.join(workdir, 'deploy')
+    deploy_dir = os.fspath(storage.resolve(workdir) / 'deploy')
     # Decided by process 0 for all: save_model is collective, every process must join it.
-    exists = multihost_utils.broadcast_one_to_all(np.asarray(os.path.exists(deploy_dir)))
+    exists = multihost_utils.broadcast_one_to_all(
+        np.asarray(storage.resolve(deploy_dir).exists()))
     if not exists:
       kept = (f'the trained state is kept in {checkpoints.directory} (step {step}); free space, '
               'then rerun the same command to write it')
@@ -253,19 +262,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         model_io.save_model(deploy_dir, exp.deploy_model,
                             exp.reparam({'params': state['params'],
                                          'batch_stats': state['batch_stats']}))
+    finished = _finished(step, eval_metrics, workdir)
     return {'step': step, **eval_metrics}
   finally:
-    profiler.close()
-    stop.close()
-    if bar is not None:
-      bar.close()
-    checkpoints.close()
-    writer.close()
+    for resource in (profiler, stop, bar, checkpoints, writer):
+      if resource is not None:
+        resource.close()
+    if not started:
+      before.restore()
+    if finished:
+      _print_once(finished)  # After the progress bar is gone: the last line of the run.
+
+
+class _WorkdirSnapshot:
+  """What a local workdir held before a start, to undo a start that fails before its first step.
+
+  A bucket workdir is left as it is: a failed start writes at most its config.json there.
+  """
+
+  def __init__(self, workdir: str | os.PathLike):
+    self.remote = storage.is_remote(workdir)
+    self.workdir = os.path.abspath(os.fspath(workdir))
+    self.existed = self.remote or os.path.isdir(self.workdir)
+    self.paths = set()
+    self.config = None
+    if self.existed:
+      self.paths = {os.path.join(root, name) for root, dirs, files in os.walk(self.workdir)
+                    for name in dirs + files}
+      config = os.path.join(self.workdir, 'config.json')
+      if os.path.isfile(config):
+        with open(config, 'rb') as f:
+          self.config = f.read()
+
+  def restore(self) -> None:
+    """Removes what appeared since (never checkpoints set aside as damaged) and the workdir
+    itself if it was created; puts the previous config.json back."""
+    if jax.process_index() != 0 or self.remote or not os.path.isdir(self.workdir):
+      return
+    kept = os.path.join(self.workdir, recovery.DAMAGED_DIR)
+    for root, dirs, files in os.walk(self.workdir, topdown=False):
+      for name in files + dirs:
+        path = os.path.join(root, name)
+        if path not in self.paths and not (path + os.sep).startswith(kept + os.sep):
+          if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+          else:
+            os.unlink(path)
+    if self.config is not None:
+      with open(os.path.join(self.workdir, 'config.json'), 'wb') as f:
+        f.write(self.config)
+    if not self.existed and not os.listdir(self.workdir):
+      os.rmdir(self.workdir)
 
 
 def _print_once(message: str) -> None:
   if jax.process_index() == 0:
     print(message, flush=True)
+
+
+def _finished(step: int, m: dict[str, float], workdir: str) -> str:
+  """The run's last line: done, the final accuracies of both forms, where the results are."""
+  text = (f'Finished at step {step}: eval top-1 {100 * m["top1"]:.2f}% (training form), '
+          f'{100 * m["deploy_top1"]:.2f}% (deploy form)')
+  if 'ema_top1' in m:
+    text += f', {100 * m["ema_top1"]:.2f}% (EMA)'
+  return (text + f'; deploy model in {os.path.join(workdir, "deploy")}, metrics in '
+          f'{os.path.join(workdir, "metrics.jsonl")}.')
 
 
 def _summary(step: int, m: dict[str, float]) -> str:

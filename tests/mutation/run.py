@@ -68,6 +68,15 @@ TARGETS = {  # In the order they run: the cheapest first.
                      'variables_to_torch'),
                     'tests/test_torch_import_resnet.py tests/test_torch_keys_resnet.py '
                     '-k "deploy_on_import or round_trip or another_model or reported_at_once"'),
+    # The key maps' other half: reading a model's settings from a state_dict's shapes.
+    'detect_resnet': ('repmlp_jax/pytorch/keys_resnet.py',
+                      ('_count_blocks', '_square_side', '_repmlp_settings', 'detect', 'is_deploy',
+                       '_detect'),
+                      'tests/test_torch_keys_resnet.py -k detect'),
+    'detect_repmlpnet': ('repmlp_jax/pytorch/keys_repmlpnet.py',
+                         ('is_mmpretrain', '_rename', 'is_deploy', '_shape', 'detect',
+                          '_gp_divisor'),
+                         'tests/test_torch_import.py -k "detect or mmpretrain or refuses"'),
 }
 
 # One natural replacement per operator (a bug someone could write), not every operator pair:
