@@ -69,7 +69,10 @@ def model_programs(name: str, batch: int, eval_batch: int, dtype: str,
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=split)
   deploy_variables = abstract(jax.eval_shape(
       functools.partial(reparameterize.reparam_variables, model), variables), whole)
-  forward = lambda m: jax.jit(lambda v, x: m.apply(v, x, train=False))  # pylint: disable=g-long-lambda
+
+  def forward(m):
+    return jax.jit(lambda v, x: m.apply(v, x, train=False))
+
   useful = 2.0 * macs.macs_per_image(model)
   return [
       train_programs.Program(

@@ -157,6 +157,28 @@ def test_the_compilers_refusal_for_memory_becomes_a_report_entry():
   assert entry['compiler_hbm_limit_bytes'] == int(15.75 * 2**30)
 
 
+def test_another_compiler_failure_is_one_line_naming_the_op():
+  message = ('RESOURCE_EXHAUSTED: E1001: CompileTimeScopedVmemOom:\nRan out of memory in memory '
+             'space vmem while allocating on stack for %fusion.1742 = bf16[4,6272,384] fusion(), '
+             'metadata={op_name="jit(_train_step)/RepMLPNetUnit/prebn1/mul" stack_frame_id=3}.')
+
+  def fail():
+    raise jax.errors.JaxRuntimeError(message)
+
+  program = train_programs.Program('train_step', types.SimpleNamespace(compile=fail), 512, None)
+  entry, compiled = compile_report.compile_program(program, 4, topologies.CHIPS['v5e'])
+  assert compiled is None and not entry['fits']
+  report = {'topology': 'v5e-4', 'programs': {'train_step': entry}}
+  with pytest.raises(compile_report.CompileFailed) as caught:
+    compile_report.check_fits(report, tiny_config('v5e-4'))
+  assert cli.exit_status(caught.value) == 2 and str(caught.value) == (
+      'train_step does not compile for v5e-4: RESOURCE_EXHAUSTED: E1001: CompileTimeScopedVmemOom '
+      '(at jit(_train_step)/RepMLPNetUnit/prebn1/mul); see compile_report.json for the other '
+      'programs.')
+  assert 'did not compile' in compile_report.format_table({**report, 'model': 'm', 'dtype': 'd',
+                                                           'chips': 4, 'device_kind': 'k'})
+
+
 @needs_libtpu
 def test_a_batch_the_chips_do_not_share_evenly_is_refused_before_compiling(tmp_path):
   with pytest.raises(cli.ConfigError, match='global_batch_size=6 must be a multiple of the 4 '):

@@ -19,8 +19,9 @@ when a program needs more HBM per chip than the chip has. Per program, per chip:
   roofline_img_per_s_per_chip batch / max(flops / peak bf16, bytes / HBM bandwidth)
   mfu_bound                   the useful FLOPs (repmlp_jax.macs) at the roofline rate over peak
 
-A program the compiler refuses for memory (RESOURCE_EXHAUSTED) is reported with the bytes the
-compiler said it needed, `fits` false and no cost figures.
+A program the compiler refuses for HBM (RESOURCE_EXHAUSTED ... exceeds available HBM) is reported
+with the bytes the compiler said it needed, `fits` false and no cost figures; one it refuses for
+another reason (e.g. on-chip VMEM) with `compile_error`, and the run ends with that in one line.
 """
 
 import contextlib
@@ -89,20 +90,33 @@ def compile_program(program: train_programs.Program, chips: int,
   refused it for memory: a refusal is an entry, not an error)."""
   batch = program.batch // chips
   start_wall, start_cpu = time.perf_counter(), time.process_time()
+  refused = failure = None
   try:
     compiled = program.lowered.compile()
   except jax.errors.JaxRuntimeError as e:
-    refused = out_of_hbm(e)
-    if refused is None:
-      raise
+    refused, failure = out_of_hbm(e), e
     compiled = None
   entry = {'batch_per_chip': batch, 'compile_s': time.perf_counter() - start_wall,
            'compile_cpu_s': time.process_time() - start_cpu}
+  if compiled is None and refused is None:
+    return {**entry, 'fits': False, 'compile_error': _one_line(failure)}, None
   if compiled is None:
     need, have = refused
     return {**entry, 'hbm_bytes_per_chip': need, 'hbm_capacity_bytes_per_chip': chip.hbm_bytes,
             'fits': False, 'compiler_hbm_limit_bytes': have}, None
   return {**entry, **figures(compiled, batch, chip, program.useful_flops_per_image)}, compiled
+
+
+def _one_line(error: BaseException) -> str:
+  """The compiler's error in one line: its first line and the op it names, if any."""
+  text = str(error).strip()
+  op_name = re.search(r'op_name="([^"]*)"', text)
+  where = f' (at {op_name.group(1)})' if op_name else ''
+  return text.splitlines()[0].rstrip(':') + where
+
+
+class CompileFailed(cli.ConfigError):
+  """The TPU compiler refused a program for another reason than its HBM."""
 
 
 def _fix(name: str, config: ml_collections.ConfigDict) -> str:
@@ -115,6 +129,9 @@ def _fix(name: str, config: ml_collections.ConfigDict) -> str:
 def check_fits(report: dict[str, Any], config: ml_collections.ConfigDict) -> None:
   """Raises DoesNotFit for the first program of `report` that does not fit, in one line."""
   for name, p in report['programs'].items():
+    if 'compile_error' in p:
+      raise CompileFailed(f'{name} does not compile for {report["topology"]}: '
+                          f'{p["compile_error"]}; see {REPORT_FILE} for the other programs.')
     if not p['fits']:
       raise DoesNotFit(
           f'{name} does not fit on {report["topology"]}: it needs '
@@ -130,8 +147,11 @@ def format_table(report: dict[str, Any]) -> str:
            f'{"program":15} {"img":>5} {"TFLOP":>7} {"MB/img":>8} {"HBM GiB":>8} {"fits":>4} '
            f'{"copies":>6} {"img/s":>7} {"MFU<=":>6} {"compile s":>9} {"CPU s":>6}']
   for name, p in report['programs'].items():
+    if 'compile_error' in p:
+      lines.append(f'{name:15} {p["batch_per_chip"]:5d} did not compile: {p["compile_error"]}')
+      continue
     hbm = f'{p["hbm_bytes_per_chip"] / topologies.GiB:8.2f}'
-    if 'flops_per_chip' not in p:  # Refused by the compiler.
+    if 'flops_per_chip' not in p:  # Refused by the compiler for HBM.
       lines.append(f'{name:15} {p["batch_per_chip"]:5d} {"-":>7} {"-":>8} {hbm} {"no":>4}'
                    f'{"":33} {p["compile_s"]:9.1f} {p["compile_cpu_s"]:6.1f}')
       continue
@@ -193,7 +213,8 @@ def compile_for_topology(config: ml_collections.ConfigDict, workdir: str) -> dic
   Returns:
     The report (also in workdir/compile_report.json, which a rerun replaces).
   Raises:
-    topologies.UnknownTopology, topologies.MissingLibtpu, DoesNotFit: each said in one line.
+    topologies.UnknownTopology, topologies.MissingLibtpu, DoesNotFit, CompileFailed: each said
+    in one line.
   """
   target = topologies.parse(config.compile_topology)
   devices = topologies.devices(target)
