@@ -82,8 +82,8 @@ def test_eval_and_deploy_forwards_match_the_authors_code_in_float64():
   x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
   with torch.no_grad():
     want = torch_model(x).numpy()
-  images = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
   with jax.enable_x64(True):
+    images = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
     model, variables = _load(torch_model)
     deploy_model, deploy_variables = repmlp_jax.reparam(model, variables)
     logits = jax.jit(model.apply)(variables, images)
