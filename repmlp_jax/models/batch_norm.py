@@ -88,10 +88,9 @@ class BatchNorm(nn.Module):
     # Only the leading axis is split: the minor axes keep their layout (on TPU a reshape that
     # merged them would be a copy of the whole map).
     grouped = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
-    mean, var = _statistics(grouped, blocks)
-    per_group = (groups, *(1,) * (x.ndim - 1), x.shape[-1])  # Broadcasts over each group.
-    y = _normalize(grouped, tile(mean).reshape(per_group), tile(var).reshape(per_group),
-                   tile(scale), tile(bias), self.epsilon, dtype)
+    stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    y, mean, var = normalize_batch(grouped, scale.astype(stat_dtype), bias.astype(stat_dtype),
+                                   self.epsilon, jnp.dtype(dtype), blocks)
     if not self.is_initializing():
       m = self.momentum
       mean, var = jax.lax.stop_gradient((mean, var))
@@ -101,21 +100,82 @@ class BatchNorm(nn.Module):
     return y.reshape(x.shape)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def normalize_batch(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype: Any,
+                    blocks: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Training-mode batch normalization of each group with its own statistics.
+
+  Args:
+    x: (G, ..., C): G groups (consecutive images), in the compute dtype.
+    scale, bias: (C / blocks,) in the statistics' dtype (float32 at least).
+    epsilon: added to the variance.
+    dtype: of the output y.
+    blocks: channel c of x uses feature c % (C / blocks) (1: one feature per channel).
+  Returns:
+    y (G, ..., C) in `dtype`; each group's mean and biased variance (G, C / blocks).
+
+  The gradient is PyTorch's BatchNorm backward, written out (one pass for the two sums, one for
+  the input's gradient): the same formula as the reference the training is compared with, so
+  that a float64 step agrees with it to rounding, also in parameters whose exact gradient is 0
+  (a bias followed by a BatchNorm), where AdamW turns rounding noise into updates.
+  """
+  return _normalize_batch_fwd(x, scale, bias, epsilon, dtype, blocks)[0]
+
+
+def _normalize_batch_fwd(x, scale, bias, epsilon, dtype, blocks):
+  mean, var = _statistics(x, blocks)
+  y = _normalize(x, _per_group(mean, x, blocks), _per_group(var, x, blocks),
+                 jnp.tile(scale, blocks), jnp.tile(bias, blocks), epsilon, dtype)
+  return (y, mean, var), (x, mean, jax.lax.rsqrt(var + epsilon), scale)
+
+
+def _normalize_batch_bwd(epsilon, dtype, blocks, residuals, cotangents):
+  del epsilon, dtype  # In rstd already; the output's dtype is the cotangent's.
+  x, mean, rstd, scale = residuals
+  g_y, g_mean, g_var = cotangents
+  count = x.size // x.shape[0] // scale.shape[0]  # Values per feature in one group.
+  centered = x.astype(scale.dtype) - _per_group(mean, x, blocks)
+  x_hat = centered * _per_group(rstd, x, blocks)
+  g = g_y.astype(scale.dtype)
+  sum_g = _pool(jnp.sum(g, _inner_axes(x)), blocks, jnp.sum)  # (G, C / blocks)
+  sum_g_x_hat = _pool(jnp.sum(g * x_hat, _inner_axes(x)), blocks, jnp.sum)
+  g_x = _per_group(rstd * scale, x, blocks) * (
+      g - (_per_group(sum_g, x, blocks) + x_hat * _per_group(sum_g_x_hat, x, blocks)) / count)
+  # The statistics' own cotangents (zero when they feed only the running averages).
+  g_x = g_x + (_per_group(g_mean, x, blocks) + 2.0 * _per_group(g_var, x, blocks) * centered
+               ) / count
+  return g_x.astype(x.dtype), sum_g_x_hat.sum(0), sum_g.sum(0)
+
+
+normalize_batch.defvjp(_normalize_batch_fwd, _normalize_batch_bwd)
+
+
 def _statistics(x: jax.Array, blocks: int) -> tuple[jax.Array, jax.Array]:
   """Each group's mean and biased variance (G, C / blocks) of x (G, ..., C), from one pass.
 
   Accumulated in at least float32 (bfloat16 compute; float64 kept) without a float32 copy of x,
-  so that XLA fuses the two sums into x's producer; the gradient is autodiff's, which XLA fuses
-  the same way (a written-out backward kept x and float32 temporaries alive on TPU).
+  so that XLA fuses the two sums into x's producer.
   """
   stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
-  axes = tuple(range(1, x.ndim - 1))
-  mean = jnp.mean(x, axes, dtype=stat_dtype)
-  mean_sq = jnp.mean(jnp.square(x.astype(stat_dtype)), axes)
-  if blocks > 1:  # Channels c and c + k*C/blocks are one feature: pool their (equal) counts.
-    mean = mean.reshape(x.shape[0], blocks, -1).mean(1)
-    mean_sq = mean_sq.reshape(x.shape[0], blocks, -1).mean(1)
+  mean = _pool(jnp.mean(x, _inner_axes(x), dtype=stat_dtype), blocks, jnp.mean)
+  mean_sq = _pool(jnp.mean(jnp.square(x.astype(stat_dtype)), _inner_axes(x)), blocks, jnp.mean)
   return mean, jnp.maximum(0.0, mean_sq - mean * mean)
+
+
+def _per_group(per_feature: jax.Array, x: jax.Array, blocks: int) -> jax.Array:
+  """(G, C / blocks) -> broadcastable against x (G, ..., C)."""
+  return jnp.tile(per_feature, blocks).reshape(x.shape[0], *(1,) * (x.ndim - 2), x.shape[-1])
+
+
+def _inner_axes(x: jax.Array) -> tuple[int, ...]:
+  return tuple(range(1, x.ndim - 1))
+
+
+def _pool(per_channel: jax.Array, blocks: int, reduce) -> jax.Array:
+  """(G, C) -> (G, C / blocks): channels c and c + k*C/blocks are one feature (equal counts)."""
+  if blocks == 1:
+    return per_channel
+  return reduce(per_channel.reshape(per_channel.shape[0], blocks, -1), axis=1)
 
 
 def _normalize(x, mean, var, scale, bias, epsilon, dtype):
