@@ -42,9 +42,9 @@ from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import repmlp_jax
-from benchmarks import bench_memory
 from benchmarks import bench_models
 from repmlp_jax.models import layers
+from repmlp_jax.tpu import hlo
 
 V5E_PEAK_FLOPS = 197e12  # bf16 dense, per chip.
 V5E_HBM_BYTES_PER_S = 819e9
@@ -80,7 +80,7 @@ def figures(fn, args, images: int, **jit_kwargs) -> dict[str, Any]:
   return {'images_per_chip': images, 'gflop_per_image': flops / images / 1e9,
           'mb_per_image': accessed / images / 1e6, 'temp_gib': memory.temp_size_in_bytes / 2**30,
           'argument_gib': memory.argument_size_in_bytes / 2**30,
-          'copy_start': text.count(' copy-start('), **bench_memory.count_ops(text),
+          'copy_start': text.count(' copy-start('), **hlo.count_ops(text),
           'v5e_roofline_img_s': images / seconds, 'compile_wall_s': wall, 'compile_cpu_s': cpu}
 
 
