@@ -20,7 +20,6 @@ from flax import traverse_util
 import jax
 import numpy as np
 
-from repmlp_jax import model_io
 from repmlp_jax import outputs
 from repmlp_jax import storage
 from repmlp_jax.data import imagenet
@@ -264,7 +263,7 @@ def _check_names_and_shapes(model: nn.Module, got: Mapping[str, tuple[int, ...]]
   Returns:
     The model's abstract variables, flattened (name tuple -> ShapeDtypeStruct).
   """
-  abstract = traverse_util.flatten_dict(model_io.abstract_variables(model))
+  abstract = traverse_util.flatten_dict(factory.abstract_variables(model))
   want = {_SEP.join(k): tuple(v.shape) for k, v in abstract.items()}
   try:
     mapping.check_keys(f'{official_name(model) or type(model).__name__} '

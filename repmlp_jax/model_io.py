@@ -75,7 +75,7 @@ def model_format(path: str | os.PathLike) -> str:
   Raises:
     FileNotFoundError: nothing is there.
   """
-  from repmlp_jax import hub  # pylint: disable=g-import-not-at-top  (hub imports this module)
+  from repmlp_jax import hub  # pylint: disable=g-import-not-at-top
   from repmlp_jax.train import workdir_model  # pylint: disable=g-import-not-at-top
   path = storage.resolve(path)
   with storage.reaching(path):
@@ -114,7 +114,7 @@ def read_model(path: str | os.PathLike, *, name: str | None = None, use_ema: boo
   kind = model_format(path)
   _check_options(path, kind, name=name, use_ema=use_ema, step=step)
   if kind == 'training':
-    return workdir_model.read(path, step=step, use_ema=use_ema, sharding=sharding)
+    return ReadModel(*workdir_model.read(path, step=step, use_ema=use_ema, sharding=sharding))
   if kind == 'pytorch':
     result = importer.import_torch(path, name, use_ema=use_ema)
     model, variables, lines = result.model, result.variables, result.describe().splitlines()

@@ -31,7 +31,7 @@ def test_gs_without_gcsfs_names_the_extra(monkeypatch):
   from tests import test_run_recovery  # pylint: disable=g-import-not-at-top
   err = io.StringIO()
   with contextlib.redirect_stderr(err):
-    assert test_run_recovery.run_train_py('gs://bucket/run') == 1
+    assert test_run_recovery.run_train_py('gs://bucket/run') == 2  # A missing extra: usage.
   assert err.getvalue().splitlines() == [f'train.py: error: {raised.value}']
 
 

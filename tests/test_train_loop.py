@@ -108,7 +108,7 @@ def test_an_experiment_of_another_config_is_refused(digits_experiment, tmp_path)
   config.seed += 1  # Would train other weights than the compiled functions' config.
   with pytest.raises(ValueError, match='built from another config'):
     trainer.train_and_evaluate(config, str(tmp_path / 'work'), exp=digits_experiment)
-  assert not os.listdir(tmp_path / 'work')  # Refused before anything was written.
+  assert not (tmp_path / 'work').exists()  # Refused before anything was written.
 
 
 def test_stop_request_on_sigterm():

@@ -310,11 +310,12 @@ class RepMLPBlock(Part):
     """
     n, h, w, c = x.shape
     s = self.sharesets
-    kernel = fc3_kernel.reshape(s, h, w, h, w)
-    if s == 1:
-      out = jnp.einsum('nyxc,yxvu->nvuc', x, kernel[0], precision=self.precision)
+    if s == 1:  # The (h*w, h*w) kernel as it is stored: XLA:CPU copies a reshaped one per call.
+      out = jnp.einsum('npc,pq->nqc', x.reshape(n, h * w, c), fc3_kernel[0],
+                       precision=self.precision).reshape(x.shape)
     else:
-      out = jnp.einsum('nyxrs,syxvu->nvurs', x.reshape(n, h, w, c // s, s), kernel,
+      out = jnp.einsum('nyxrs,syxvu->nvurs', x.reshape(n, h, w, c // s, s),
+                       fc3_kernel.reshape(s, h, w, h, w),
                        precision=self.precision).reshape(x.shape)
     if self.deploy:
       bias = self.param('fc3_bias', nn.initializers.zeros, (s, h * w), jnp.float32)

@@ -134,6 +134,12 @@ class Checkpoints:
         self._manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
       except BaseException:
         self._failed = True  # close() must not wait on, or re-raise, the broken save.
+        # orbax's background threads may still be writing the step's temporary directory: let
+        # them stop before `outputs.writing` removes what the save left.
+        try:
+          self._manager.wait_until_finished()
+        except Exception:  # pylint: disable=broad-except  (the same failure, raised again)
+          pass
         raise
 
   def reached_preemption(self, step: int) -> bool:

@@ -62,12 +62,11 @@ def read(path: str | os.PathLike, *, step: int | None = None, use_ema: bool = Fa
     use_ema: the EMA weights instead of the trained ones.
     sharding: where to place every array (default: the first device).
   Returns:
-    model_io.ReadModel: the model, its variables and lines saying what was read.
+    (model, variables, lines saying what was read).
   Raises:
     ValueError: no such step, no checkpoint yet, or no EMA weights in the run.
   """
   # Imported here: the experiment brings the optimizer, which readers of other formats skip.
-  from repmlp_jax import model_io  # pylint: disable=g-import-not-at-top
   from repmlp_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
   from repmlp_jax.train import experiment  # pylint: disable=g-import-not-at-top
   found = find(path)
@@ -105,4 +104,4 @@ def read(path: str | os.PathLike, *, step: int | None = None, use_ema: bool = Fa
   weights = 'EMA weights' if use_ema else 'weights'
   lines = [f'read training form: {found.workdir}, checkpoint {step} of '
            f'{", ".join(map(str, available))} ({weights}; model from its {CONFIG_NAME})']
-  return model_io.ReadModel(model, dict(variables), lines)
+  return model, dict(variables), lines
