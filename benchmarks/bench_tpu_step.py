@@ -12,8 +12,9 @@ Lowers and compiles, with libtpu's compiler on this machine (`TPU_SKIP_MDS_QUERY
 - `eval`: the training form's forward in eval mode, `--eval-batch` per chip (default 256);
 - `deploy`: the deploy form's forward, `--eval-batch` per chip;
 - `units`: one RepMLPNet unit of each stage, forward and backward (gradients of the parameters
-  and of the input, new BatchNorm statistics) at `--batch` per chip; its bytes times the stage's
-  depth are the units' share of the step.
+  and of the input, new BatchNorm statistics) at `--batch` per chip, its input shaped as
+  RepMLPNet feeds it, its BatchNorms in `--bn-groups` groups; its bytes times the stage's depth
+  are the units' share of the step.
 
 Inputs are sharded over the images (NamedSharding on a Mesh of every device of the topology),
 the variables replicated. Per program: FLOPs and bytes accessed per image (XLA's cost analysis,
@@ -88,12 +89,13 @@ class Programs:
   """The abstract arguments and programs of one variant on a mesh of TPU devices."""
 
   def __init__(self, name: str, topology: str, batch: int, eval_batch: int,
-               stages: Sequence[int] | None = None):
+               stages: Sequence[int] | None = None, bn_groups: int = 1):
     devices = topologies.get_topology_desc(platform='tpu', topology_name=topology).devices
     self.mesh = Mesh(np.array(devices), ('data',))
     self.chips = len(devices)
     self.batch, self.eval_batch = batch, eval_batch
     self.stages = stages
+    self.bn_groups = bn_groups
     self.model = repmlp_jax.create_model(name, dtype=jnp.bfloat16)
     self.size = self.model.image_size or self.model.input_multiple
     self.replicated = NamedSharding(self.mesh, P())
@@ -134,9 +136,12 @@ class Programs:
         continue
       unit = layers.RepMLPNetUnit(c, p, p, shareset, tuple(m.reparam_conv_k),
                                   layers.make_divisible(c // 4, m.gp_hidden_divisor),
-                                  m.ffn_expand, dtype=m.dtype, precision=m.precision)
+                                  m.ffn_expand, dtype=m.dtype, precision=m.precision,
+                                  bn_groups=self.bn_groups)
       side = self.size // (4 * 2**s)
-      x = jax.ShapeDtypeStruct((self.batch * self.chips, side, side, c), jnp.bfloat16,
+      # As RepMLPNet feeds them: a one-window stage's maps hold their channels as (C/S, S).
+      channels = (c // shareset, shareset) if side == p and shareset > 1 else (c,)
+      x = jax.ShapeDtypeStruct((self.batch * self.chips, side, side, *channels), jnp.bfloat16,
                                sharding=self.sharded)
       variables = _abstract(jax.eval_shape(unit.init, jax.random.key(0), x), self.replicated)
 
@@ -172,9 +177,13 @@ def main(argv=None) -> int:
   parser.add_argument('--programs', nargs='+', choices=PROGRAMS, default=list(PROGRAMS))
   parser.add_argument('--stages', nargs='+', type=int, default=None,
                       help='units: only these stages (0-based; default all)')
+  parser.add_argument('--bn-groups', type=int, default=1,
+                      help='units: BatchNorm statistics per this many groups of the global batch '
+                           "(train.py's global_batch_size / bn_group_size; 1: the whole batch)")
   parser.add_argument('--json', default=None, help='also write the figures to this file')
   args = parser.parse_args(argv)
-  programs = Programs(args.model, args.topology, args.batch, args.eval_batch, args.stages)
+  programs = Programs(args.model, args.topology, args.batch, args.eval_batch, args.stages,
+                      args.bn_groups)
   results = {'model': args.model, 'topology': args.topology, 'jax': jax.__version__}
   print(HEADER, flush=True)
   for name in args.programs:

@@ -137,32 +137,37 @@ def test_gradients_equal_pytorch_autograd_per_group(group_size):
 
 
 @pytest.mark.parametrize('group_size', [0, 2])
-def test_shared_features_equal_one_batch_norm_over_the_channel_blocks(group_size):
-  """features=S on S*R channels: channel c shares statistics and parameters with c % S, as one
-  BatchNorm of S channels over the (..., R, S) view; outputs, statistics and gradients."""
+def test_two_channel_axes_equal_one_batch_norm_over_the_merged_channels(group_size):
+  """channel_axes=2 on (N, H, W, R, S): the BatchNorm of the R*S channels of the (N, H, W, R*S)
+  view, channel r*S + s at [..., r, s]; outputs, statistics and gradients."""
   with jax.enable_x64(True):
-    x = jnp.asarray(_x((4, 3, 2, 3 * 5)))
-    variables = _variables(5, dtype=np.float64)
+    x = jnp.asarray(_x((4, 3, 2, 3, 5)))
+    variables = _variables(15, dtype=np.float64)
     groups = batch_norm.num_groups(4, group_size)
-    shared = layers.batch_norm(True, jnp.float64, groups=groups, features=5)
+    split = layers.batch_norm(True, jnp.float64, groups=groups, channel_axes=2)
     plain = layers.batch_norm(True, jnp.float64, groups=groups)
 
     def outputs(module, x, params):
       y, updates = module.apply({**variables, 'params': params}, x, mutable=['batch_stats'])
       return y, updates['batch_stats']
 
-    def view(params, x):  # The same BatchNorm on the (N, H, W*R, S) view.
-      y, stats = outputs(plain, x.reshape(4, 3, 2 * 3, 5), params)
+    def view(params, x):  # The same BatchNorm on the (N, H, W, R*S) view.
+      y, stats = outputs(plain, x.reshape(4, 3, 2, 15), params)
       return y.reshape(x.shape), stats
 
     cotangent = jnp.asarray(_x(x.shape, seed=3))
-    got = jax.vjp(lambda p, x: outputs(shared, x, p), variables['params'], x, has_aux=True)
+    got = jax.vjp(lambda p, x: outputs(split, x, p), variables['params'], x, has_aux=True)
     want = jax.vjp(view, variables['params'], x, has_aux=True)
     assert helpers.relative_error(want[0], got[0]) <= 1e-12
     for name in ('mean', 'var'):
       assert helpers.relative_error(want[2][name], got[2][name]) <= 1e-12
     for a, b in zip(jax.tree.leaves(want[1](cotangent)), jax.tree.leaves(got[1](cotangent))):
       assert helpers.relative_error(a, b) <= 1e-12
+    eval_mode = layers.batch_norm(False, jnp.float64, channel_axes=2)
+    assert helpers.relative_error(
+        eval_mode.apply(variables, x),
+        layers.batch_norm(False, jnp.float64).apply(variables, x.reshape(4, 3, 2, 15)
+                                                    ).reshape(x.shape)) <= 1e-12
 
 
 def test_bfloat16_compute_keeps_float32_statistics():

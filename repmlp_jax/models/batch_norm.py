@@ -18,10 +18,12 @@ averages) computes exactly what `nn.BatchNorm` computes.
 
 The leading axis of every BatchNorm input must be image-major (all rows of image 0, then of
 image 1, ...): every model of the package feeds its BatchNorms that way, also where the leading
-axis holds windows or partition rows rather than images.
+axis holds windows or partition rows rather than images. The channels are the last axis, or the
+last `channel_axes` axes together (a map whose C channels are held as (C / S, S)).
 """
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -51,29 +53,28 @@ def num_groups(batch_size: int, group_size: int) -> int:
 
 
 class BatchNorm(nn.Module):
-  """BatchNorm over all axes but the last, with PyTorch's running variance and optional groups."""
+  """BatchNorm over all axes but the channels, with PyTorch's running variance and optional
+  groups."""
   use_running_average: bool = False
   num_groups: int = 1  # Equal, consecutive slices of the leading axis, normalized separately.
   momentum: float = 0.9  # Of the running averages: PyTorch's momentum 0.1.
   epsilon: float = 1e-5
   dtype: Any = None  # Of the output; None: that of the input.
-  # Channels with statistics and affine parameters of their own; None: all of x's. With fewer,
-  # x's channel c shares those of c % features (x holds several blocks of `features` channels).
-  features: int | None = None
+  # x's trailing axes that index the channels together, row-major; the variables stay (C,).
+  channel_axes: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    features = (self.features or x.shape[-1],)
-    blocks = x.shape[-1] // features[0]
+    channel_shape = x.shape[x.ndim - self.channel_axes:]
+    features = (math.prod(channel_shape),)
     ra_mean = self.variable('batch_stats', 'mean', lambda s: jnp.zeros(s, jnp.float32), features)
     ra_var = self.variable('batch_stats', 'var', lambda s: jnp.ones(s, jnp.float32), features)
-    scale = self.param('scale', nn.initializers.ones, features, jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, features, jnp.float32)
+    scale = self.param('scale', nn.initializers.ones, features, jnp.float32).reshape(channel_shape)
+    bias = self.param('bias', nn.initializers.zeros, features, jnp.float32).reshape(channel_shape)
     dtype = self.dtype or x.dtype
-    tile = functools.partial(jnp.tile, reps=blocks)  # Per feature -> per channel of x.
     if self.use_running_average:
-      return _normalize(x, tile(ra_mean.value), tile(ra_var.value), tile(scale), tile(bias),
-                        self.epsilon, dtype)
+      return _normalize(x, ra_mean.value.reshape(channel_shape),
+                        ra_var.value.reshape(channel_shape), scale, bias, self.epsilon, dtype)
 
     groups = self.num_groups
     if x.shape[0] % groups:
@@ -85,97 +86,94 @@ class BatchNorm(nn.Module):
       raise ValueError(f'BatchNorm {self.name} needs more than one value per channel and group '
                        f'in training mode (input {x.shape}, {groups} group(s)); use larger '
                        'groups (bn_group_size) or batches.')
-    # Only the leading axis is split: the minor axes keep their layout (on TPU a reshape that
-    # merged them would be a copy of the whole map).
-    grouped = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
     stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
-    y, mean, var = normalize_batch(grouped, scale.astype(stat_dtype), bias.astype(stat_dtype),
-                                   self.epsilon, jnp.dtype(dtype), blocks)
+    y, mean, var = normalize_batch(x, scale.astype(stat_dtype), bias.astype(stat_dtype),
+                                   self.epsilon, jnp.dtype(dtype), groups)
     if not self.is_initializing():
       m = self.momentum
-      mean, var = jax.lax.stop_gradient((mean, var))
+      mean, var = jax.lax.stop_gradient((mean.reshape(groups, -1), var.reshape(groups, -1)))
       unbiased = var * (count / (count - 1))
       ra_mean.value = (m * ra_mean.value + (1 - m) * mean.mean(0)).astype(ra_mean.value.dtype)
       ra_var.value = (m * ra_var.value + (1 - m) * unbiased.mean(0)).astype(ra_var.value.dtype)
-    return y.reshape(x.shape)
+    return y
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def normalize_batch(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype: Any,
-                    blocks: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+                    groups: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Training-mode batch normalization of each group with its own statistics.
 
   Args:
-    x: (G, ..., C): G groups (consecutive images), in the compute dtype.
-    scale, bias: (C / blocks,) in the statistics' dtype (float32 at least).
+    x: (L, ..., *F) in the compute dtype; L rows (images, or image-major windows) in `groups`
+      groups of consecutive rows; the channels are the trailing axes F, scale's shape.
+    scale, bias: (*F) in the statistics' dtype (float32 at least).
     epsilon: added to the variance.
     dtype: of the output y.
-    blocks: channel c of x uses feature c % (C / blocks) (1: one feature per channel).
+    groups: equal groups of consecutive rows, each normalized with its own statistics.
   Returns:
-    y (G, ..., C) in `dtype`; each group's mean and biased variance (G, C / blocks).
+    y like x in `dtype`; each group's mean and biased variance (groups, *F).
+
+  Every sum is taken per row first and then over the rows of a group: x itself is never
+  reshaped (on TPU, splitting the leading axis of a map laid out with the images minor pads each
+  group's images up to 128 lanes and copies the whole map).
 
   The gradient is PyTorch's BatchNorm backward, written out (one pass for the two sums, one for
   the input's gradient): the same formula as the reference the training is compared with, so
   that a float64 step agrees with it to rounding, also in parameters whose exact gradient is 0
   (a bias followed by a BatchNorm), where AdamW turns rounding noise into updates.
   """
-  return _normalize_batch_fwd(x, scale, bias, epsilon, dtype, blocks)[0]
+  return _normalize_batch_fwd(x, scale, bias, epsilon, dtype, groups)[0]
 
 
-def _normalize_batch_fwd(x, scale, bias, epsilon, dtype, blocks):
-  mean, var = _statistics(x, blocks)
-  y = _normalize(x, _per_group(mean, x, blocks), _per_group(var, x, blocks),
-                 jnp.tile(scale, blocks), jnp.tile(bias, blocks), epsilon, dtype)
+def _normalize_batch_fwd(x, scale, bias, epsilon, dtype, groups):
+  stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+  inner = _inner_axes(x, scale)
+  count = x.size // scale.size // groups  # Values per channel in one group.
+  mean = _group_sum(jnp.sum(x, inner, dtype=stat_dtype), groups) / count
+  mean_sq = _group_sum(jnp.sum(jnp.square(x.astype(stat_dtype)), inner), groups) / count
+  var = jnp.maximum(0.0, mean_sq - mean * mean)
+  y = _normalize(x, _per_row(mean, x), _per_row(var, x), scale, bias, epsilon, dtype)
   return (y, mean, var), (x, mean, jax.lax.rsqrt(var + epsilon), scale)
 
 
-def _normalize_batch_bwd(epsilon, dtype, blocks, residuals, cotangents):
+def _normalize_batch_bwd(epsilon, dtype, groups, residuals, cotangents):
   del epsilon, dtype  # In rstd already; the output's dtype is the cotangent's.
   x, mean, rstd, scale = residuals
   g_y, g_mean, g_var = cotangents
-  count = x.size // x.shape[0] // scale.shape[0]  # Values per feature in one group.
-  centered = x.astype(scale.dtype) - _per_group(mean, x, blocks)
-  x_hat = centered * _per_group(rstd, x, blocks)
+  inner = _inner_axes(x, scale)
+  count = x.size // scale.size // groups
+  centered = x.astype(scale.dtype) - _per_row(mean, x)
   g = g_y.astype(scale.dtype)
-  sum_g = _pool(jnp.sum(g, _inner_axes(x)), blocks, jnp.sum)  # (G, C / blocks)
-  sum_g_x_hat = _pool(jnp.sum(g * x_hat, _inner_axes(x)), blocks, jnp.sum)
-  g_x = _per_group(rstd * scale, x, blocks) * (
-      g - (_per_group(sum_g, x, blocks) + x_hat * _per_group(sum_g_x_hat, x, blocks)) / count)
+  # PyTorch's names and order: dotp = sum((x - mean) * dy), k = dotp * invstd^2 / n,
+  # dx = (dy - sum(dy) / n - (x - mean) * k) * invstd * weight.
+  sum_g = _group_sum(jnp.sum(g, inner), groups)  # (groups, *F)
+  dotp = _group_sum(jnp.sum(g * centered, inner), groups)
+  k = dotp * rstd * rstd / count
+  g_x = (g - _per_row(sum_g / count, x) - centered * _per_row(k, x)) * _per_row(rstd * scale, x)
   # The statistics' own cotangents (zero when they feed only the running averages).
-  g_x = g_x + (_per_group(g_mean, x, blocks) + 2.0 * _per_group(g_var, x, blocks) * centered
-               ) / count
-  return g_x.astype(x.dtype), sum_g_x_hat.sum(0), sum_g.sum(0)
+  g_x = g_x + (_per_row(g_mean, x) + 2.0 * _per_row(g_var, x) * centered) / count
+  return g_x.astype(x.dtype), (dotp * rstd).sum(0), sum_g.sum(0)
 
 
 normalize_batch.defvjp(_normalize_batch_fwd, _normalize_batch_bwd)
 
 
-def _statistics(x: jax.Array, blocks: int) -> tuple[jax.Array, jax.Array]:
-  """Each group's mean and biased variance (G, C / blocks) of x (G, ..., C), from one pass.
-
-  Accumulated in at least float32 (bfloat16 compute; float64 kept) without a float32 copy of x,
-  so that XLA fuses the two sums into x's producer.
-  """
-  stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
-  mean = _pool(jnp.mean(x, _inner_axes(x), dtype=stat_dtype), blocks, jnp.mean)
-  mean_sq = _pool(jnp.mean(jnp.square(x.astype(stat_dtype)), _inner_axes(x)), blocks, jnp.mean)
-  return mean, jnp.maximum(0.0, mean_sq - mean * mean)
+def _inner_axes(x: jax.Array, per_channel: jax.Array) -> tuple[int, ...]:
+  """x's axes between the rows and the channels (per_channel's shape)."""
+  return tuple(range(1, x.ndim - per_channel.ndim))
 
 
-def _per_group(per_feature: jax.Array, x: jax.Array, blocks: int) -> jax.Array:
-  """(G, C / blocks) -> broadcastable against x (G, ..., C)."""
-  return jnp.tile(per_feature, blocks).reshape(x.shape[0], *(1,) * (x.ndim - 2), x.shape[-1])
+def _group_sum(per_row: jax.Array, groups: int) -> jax.Array:
+  """(L, *F) sums per row -> (groups, *F) sums per group of consecutive rows."""
+  return per_row.reshape(groups, per_row.shape[0] // groups, *per_row.shape[1:]).sum(1)
 
 
-def _inner_axes(x: jax.Array) -> tuple[int, ...]:
-  return tuple(range(1, x.ndim - 1))
-
-
-def _pool(per_channel: jax.Array, blocks: int, reduce) -> jax.Array:
-  """(G, C) -> (G, C / blocks): channels c and c + k*C/blocks are one feature (equal counts)."""
-  if blocks == 1:
-    return per_channel
-  return reduce(per_channel.reshape(per_channel.shape[0], blocks, -1), axis=1)
+def _per_row(per_group: jax.Array, x: jax.Array) -> jax.Array:
+  """(groups, *F) -> broadcastable against x (L, ..., *F): each row its group's value."""
+  groups, channels = per_group.shape[0], per_group.shape[1:]
+  if groups > 1:
+    per_group = jnp.repeat(per_group, x.shape[0] // groups, axis=0)
+  return per_group.reshape(per_group.shape[0], *(1,) * (x.ndim - 1 - len(channels)), *channels)
 
 
 def _normalize(x, mean, var, scale, bias, epsilon, dtype):

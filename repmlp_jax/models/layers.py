@@ -8,6 +8,7 @@ left (three FCs per RepMLP block).
 """
 
 import functools
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -24,13 +25,13 @@ BN_MOMENTUM = 0.9  # PyTorch's momentum 0.1.
 
 
 def batch_norm(train: bool, dtype: Dtype, name: str | None = None, *, groups: int = 1,
-               features: int | None = None) -> bn_lib.BatchNorm:
+               channel_axes: int = 1) -> bn_lib.BatchNorm:
   """The BatchNorm of every model: PyTorch's running variance; in training mode its statistics
   are the whole batch's (global under jit with sharded batches), or each of `groups` groups of
-  consecutive images' (`batch_norm.num_groups`). `features`: channels with statistics of their
-  own (BatchNorm's)."""
+  consecutive images' (`batch_norm.num_groups`). `channel_axes`: the input's trailing axes that
+  hold the channels (2 for a map held as (N, H, W, C / S, S))."""
   return bn_lib.BatchNorm(use_running_average=not train, num_groups=groups,
-                          features=features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                          channel_axes=channel_axes, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                           dtype=dtype, name=name)
 
 
@@ -52,6 +53,16 @@ def make_divisible(value: float, divisor: int) -> int:
   if new_value < 0.9 * value:
     new_value += divisor
   return new_value
+
+
+def split_channels(x: jax.Array, sharesets: int) -> jax.Array:
+  """(N, H, W, C) -> (N, H, W, C/S, S): channel r*S + s at [..., r, s], as the partition rows.
+
+  The units of a one-window stage keep their maps so (RepMLPNet): fc3 contracts the spatial axes
+  per shareset and the FFN the channels, and with the two channel axes apart the TPU compiler
+  finds one layout that serves both (held as one C axis, it copies the map around every fc3).
+  """
+  return x.reshape(*x.shape[:3], x.shape[3] // sharesets, sharesets)
 
 
 def partition(x: jax.Array, h: int, w: int, sharesets: int) -> jax.Array:
@@ -119,42 +130,50 @@ class PatchConv(nn.Module):
   the map into patches and calling one dot is markedly faster there (and no slower on
   accelerators). The variables are those of `nn.Conv` (kernel (k, k, I, O) HWIO, bias (O,)),
   initialized alike, so checkpoints and the importer see no difference.
+
+  1x1 only: x's channels may be held as (C / S, S) (`split_channels`), and with `split` = S the
+  output's are too.
   """
   features: int
   kernel_size: int
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   precision: Precision = None
+  split: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k = self.kernel_size
-    n, height, width, c = x.shape
+    n, height, width = x.shape[:3]
+    c = math.prod(x.shape[3:])
     kernel, bias = conv_params(self, (k, k, c, self.features), self.use_bias)
     if k > 1:  # (N, H, W, C) -> (N, H/k, W/k, k*k*C) in the kernel's (ky, kx, c) order.
       x = x.reshape(n, height // k, k, width // k, k, c).transpose(0, 1, 3, 2, 4, 5)
       x = x.reshape(n, height // k, width // k, k * k * c)
-    y = jnp.dot(x.astype(self.dtype), kernel.reshape(k * k * c, self.features).astype(self.dtype),
-                precision=self.precision)
-    return y if bias is None else y + bias.astype(self.dtype)
+    out_shape = (self.features,) if self.split is None else (
+        self.features // self.split, self.split)
+    y = jnp.tensordot(x.astype(self.dtype),
+                      kernel.reshape(*x.shape[3:], *out_shape).astype(self.dtype),
+                      axes=x.ndim - 3, precision=self.precision)
+    return y if bias is None else y + bias.reshape(out_shape).astype(self.dtype)
 
 
 def _shifted_views(x: jax.Array, k: int) -> list[jax.Array]:
-  """The k*k views of the zero-padded x (N, H, W, C) shifted by (dy, dx), row-major in (dy, dx)."""
-  _, height, width, _ = x.shape
+  """The k*k views of the zero-padded x (N, H, W, ...) shifted by (dy, dx), row-major in (dy, dx)."""
+  height, width = x.shape[1:3]
   p = k // 2
-  padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-  return [padded[:, dy:dy + height, dx:dx + width, :] for dy in range(k) for dx in range(k)]
+  padded = jnp.pad(x, ((0, 0), (p, p), (p, p)) + ((0, 0),) * (x.ndim - 3))
+  return [padded[:, dy:dy + height, dx:dx + width] for dy in range(k) for dx in range(k)]
 
 
 def _shifted_products(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """sum over (dy, dx) of the zero-padded x shifted by (dy, dx), times kernel[dy, dx] (per channel).
 
   Args:
-    x: (N, H, W, C).
+    x: (N, H, W, ..., C).
     kernel: (k, k, C), k odd.
   Returns:
-    (N, H, W, C): the 'same'-padded depthwise cross-correlation.
+    Like x: the 'same'-padded depthwise cross-correlation (over H and W, per channel).
   """
   k = kernel.shape[0]
   return sum(view * w for view, w in zip(_shifted_views(x, k), kernel.reshape(k * k, -1)))
@@ -162,7 +181,7 @@ def _shifted_products(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """The 'same'-padded, stride-1 depthwise conv of x (N, H, W, C) with kernel (k, k, C).
+  """The 'same'-padded, stride-1 depthwise conv of x (N, H, W, ..., C) with kernel (k, k, C).
 
   Its gradient is written out rather than derived: the input's is the same conv of the output
   gradient with the kernel flipped, the kernel's k*k float32 sums of a shifted input times the
@@ -182,7 +201,7 @@ def _depthwise_conv_bwd(residuals, g):
   grad_x = _shifted_products(g, kernel[::-1, ::-1])
   # Accumulated in at least float32 whatever the compute dtype, as the BatchNorm statistics.
   sum_dtype = jnp.promote_types(g.dtype, jnp.float32)
-  grad_kernel = jnp.stack([jnp.sum(view * g, axis=(0, 1, 2), dtype=sum_dtype)
+  grad_kernel = jnp.stack([jnp.sum(view * g, axis=tuple(range(x.ndim - 1)), dtype=sum_dtype)
                            for view in _shifted_views(x, k)])
   return grad_x, grad_kernel.reshape(k, k, c).astype(kernel.dtype)
 
@@ -196,54 +215,45 @@ class DepthwiseConv(nn.Module):
   The Local Perceptron's branches are such convs, often on one channel (S = 1) over many small
   maps: XLA:CPU's convolution kernel handles that shape poorly, forward and backward, while the
   k*k multiply-adds of shifted views vectorize well. The variables are those of `nn.Conv` with
-  feature_group_count = channels (kernel (k, k, 1, C), bias (C,)), initialized alike.
+  feature_group_count = channels (kernel (k, k, 1, C), bias (C,)), initialized alike. x may hold
+  more axes before its channels (N, H, W, ..., C): each is convolved with the same filters.
   """
   kernel_size: int
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   precision: Precision = None
-  # Channels with a filter of their own; None: all of x's. With fewer, x's channel c uses the
-  # filter of c % features (x holds several blocks of `features` channels).
-  features: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    k, c = self.kernel_size, self.features or x.shape[-1]
-    blocks = x.shape[-1] // c
+    k, c = self.kernel_size, x.shape[-1]
     kernel, bias = conv_params(self, (k, k, 1, c), self.use_bias)
-    y = depthwise_conv(x.astype(self.dtype), jnp.tile(kernel[:, :, 0], blocks).astype(self.dtype))
-    return y if bias is None else y + jnp.tile(bias, blocks).astype(self.dtype)
+    y = depthwise_conv(x.astype(self.dtype), kernel[:, :, 0].astype(self.dtype))
+    return y if bias is None else y + bias.astype(self.dtype)
 
 
 class ConvBN(Part):
-  """Conv (no bias) then BatchNorm; in deploy form one conv with bias."""
+  """Conv (no bias) then BatchNorm; in deploy form one conv with bias.
+
+  x is (N, H, W, C), or for 1x1 and depthwise convs (N, H, W, C / S, S) (`split_channels`): a
+  depthwise conv treats every axis before the last as positions; a 1x1 conv contracts both
+  channel axes and, with `split` = S, returns its channels as (features / S, S).
+  """
   features: int
   kernel_size: int
   strides: int = 1
   padding: int = 0
   groups: int = 1
-  # Depthwise only (groups == features): x holds several blocks of `features` channels, all
-  # convolved with the same filters and normalized with the same statistics.
-  shared: bool = False
+  split: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    if self.shared:
-      if (self.groups, self.strides, self.padding) != (self.features, 1, self.kernel_size // 2):
-        raise ValueError(f'ConvBN {self.name}: shared=True is for depthwise convs (groups == '
-                         'features), stride 1, padding kernel_size // 2.')
+    if (self.groups == self.features == x.shape[-1] and self.strides == 1
+        and self.padding == self.kernel_size // 2):
       conv = functools.partial(DepthwiseConv, self.kernel_size, dtype=self.dtype,
-                               precision=self.precision, features=self.features, name='conv')
-      if self.deploy:
-        return conv(use_bias=True)(x)
-      return self.norm(train, 'bn', features=self.features)(conv(use_bias=False)(x))
-    if self.kernel_size == self.strides and self.padding == 0 and self.groups == 1:
+                               precision=self.precision, name='conv')
+    elif self.kernel_size == self.strides and self.padding == 0 and self.groups == 1:
       conv = functools.partial(PatchConv, self.features, self.kernel_size, dtype=self.dtype,
-                               precision=self.precision, name='conv')
-    elif (self.groups == self.features == x.shape[-1] and self.strides == 1
-          and self.padding == self.kernel_size // 2):
-      conv = functools.partial(DepthwiseConv, self.kernel_size, dtype=self.dtype,
-                               precision=self.precision, name='conv')
+                               precision=self.precision, split=self.split, name='conv')
     else:
       conv = functools.partial(
           nn.Conv, self.features, (self.kernel_size,) * 2, strides=(self.strides,) * 2,
@@ -251,8 +261,8 @@ class ConvBN(Part):
           dtype=self.dtype, precision=self.precision, name='conv')
     if self.deploy:
       return conv(use_bias=True)(x)
-    x = conv(use_bias=False)(x)
-    return self.norm(train, 'bn')(x)
+    y = conv(use_bias=False)(x)
+    return self.norm(train, 'bn', channel_axes=2 if self.split else 1)(y)
 
 
 class GlobalPerceptron(nn.Module):
@@ -263,8 +273,9 @@ class GlobalPerceptron(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, pooled: jax.Array | None = None) -> jax.Array:
-    channels = x.shape[-1]
     g = jnp.mean(x, axis=(1, 2)) if pooled is None else pooled
+    g = g.reshape(g.shape[0], -1)  # Channels held as (C / S, S): (N, C).
+    channels = g.shape[-1]
     g = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, precision=self.precision, name='fc1')(g))
     g = nn.Dense(channels, dtype=self.dtype, precision=self.precision, name='fc2')(g)
     return nn.sigmoid(g)  # (N, C)
@@ -287,7 +298,8 @@ class RepMLPBlock(Part):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False,
                pooled: jax.Array | None = None) -> jax.Array:
-    """Args: x (N, H, W, C); pooled: x's spatial mean (N, C) when the caller has it cheaper."""
+    """Args: x (N, H, W, C), or one window (N, h, w, C/S, S) (`split_channels`), returned alike;
+    pooled: x's spatial mean when the caller has it cheaper."""
     s, hw = self.sharesets, self.h * self.w
     gate = GlobalPerceptron(self.gp_hidden or self.channels // 4, dtype=self.dtype,
                             precision=self.precision, name='gp')(x, pooled)
@@ -295,36 +307,40 @@ class RepMLPBlock(Part):
     fc3_kernel = self.param('fc3', nn.initializers.lecun_normal(in_axis=1, out_axis=2,
                                                                 batch_axis=0), (s, hw, hw),
                             jnp.float32).astype(self.dtype)
-    if x.shape[1:3] == (self.h, self.w):
+    if x.ndim == 5 or (x.shape[1:3] == (self.h, self.w) and s == 1):
       out = self._one_window(x, fc3_kernel, train)
+    elif x.shape[1:3] == (self.h, self.w):
+      out = self._one_window(split_channels(x, s), fc3_kernel, train).reshape(x.shape)
     else:
       out = reassemble(self._windows(x, fc3_kernel, train))
-    return out * gate[:, None, None, :].astype(out.dtype)
+    return out * gate.reshape(gate.shape[0], 1, 1, *out.shape[3:]).astype(out.dtype)
 
   def _one_window(self, x: jax.Array, fc3_kernel: jax.Array, train: bool) -> jax.Array:
-    """The block on a map that is one window, kept (N, H, W, C) with the channels minor.
+    """The block on a map that is one window: (N, h, w, C) with one shareset, else
+    (N, h, w, C/S, S), returned alike.
 
     The official re-assembly is then the inverse of the partition, so nothing is permuted:
-    fc3 contracts the spatial axes per shareset (channel c belongs to shareset c % S), fc3_bn and
-    the conv branches share their statistics and kernels over the C/S blocks of S channels.
+    fc3 contracts the spatial axes per shareset (channel r*S + s belongs to shareset s), fc3_bn
+    and the conv branches treat the C/S rows as positions of their S channels.
     """
-    n, h, w, c = x.shape
+    n, h, w = x.shape[:3]
     s = self.sharesets
-    if s == 1:  # The (h*w, h*w) kernel as it is stored: XLA:CPU copies a reshaped one per call.
-      out = jnp.einsum('npc,pq->nqc', x.reshape(n, h * w, c), fc3_kernel[0],
+    if x.ndim == 4:  # The (h*w, h*w) kernel as it is stored: XLA:CPU copies a reshaped one.
+      out = jnp.einsum('npc,pq->nqc', x.reshape(n, h * w, -1), fc3_kernel[0],
                        precision=self.precision).reshape(x.shape)
     else:
-      out = jnp.einsum('nyxrs,syxvu->nvurs', x.reshape(n, h, w, c // s, s),
-                       fc3_kernel.reshape(s, h, w, h, w),
-                       precision=self.precision).reshape(x.shape)
+      out = jnp.einsum('nyxrs,syxvu->nvurs', x, fc3_kernel.reshape(s, h, w, h, w),
+                       precision=self.precision)
     if self.deploy:
       bias = self.param('fc3_bias', nn.initializers.zeros, (s, h * w), jnp.float32)
-      return out + jnp.tile(bias.T.reshape(h, w, s), c // s).astype(self.dtype)
-    out = self.norm(train, 'fc3_bn', features=s)(out)
+      return out + bias.T.reshape(h, w, *(1,) * (x.ndim - 4), s).astype(self.dtype)
+    # One shareset: its statistics and kernels are shared by every channel.
+    as_rows = (lambda a: a[..., None]) if x.ndim == 4 else (lambda a: a)
+    out = self.norm(train, 'fc3_bn')(as_rows(out))
     for k in self.reparam_conv_k:
-      out = out + self.conv_bn(s, k, padding=k // 2, groups=s, shared=True,
-                               name=f'repconv{k}')(x, train=train)
-    return out
+      out = out + self.conv_bn(s, k, padding=k // 2, groups=s,
+                               name=f'repconv{k}')(as_rows(x), train=train)
+    return out.reshape(x.shape)
 
   def _windows(self, x: jax.Array, fc3_kernel: jax.Array, train: bool) -> jax.Array:
     """The block on partition rows (N, hp, wp, C/S, h, w, S), as the official code lays them."""
@@ -358,14 +374,17 @@ class FFNBlock(Part):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    channels = x.shape[-1]
+    channels, split = math.prod(x.shape[3:]), (x.shape[-1] if x.ndim == 5 else None)
     x = self.conv_bn(self.hidden, 1, name='ffn_fc1')(x, train=train)
     x = nn.gelu(x, approximate=False)
-    return self.conv_bn(channels, 1, name='ffn_fc2')(x, train=train)
+    return self.conv_bn(channels, 1, split=split, name='ffn_fc2')(x, train=train)
 
 
 class RepMLPNetUnit(Part):
-  """x + RepMLPBlock(prebn1(x)), then y + FFN(prebn2(y)); deploy: y + FFN(y), prebn2 in fc1."""
+  """x + RepMLPBlock(prebn1(x)), then y + FFN(prebn2(y)); deploy: y + FFN(y), prebn2 in fc1.
+
+  x is (N, H, W, C), or at one window (N, h, w, C/S, S) (`split_channels`), returned alike.
+  """
   channels: int
   h: int
   w: int
@@ -376,7 +395,8 @@ class RepMLPNetUnit(Part):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    prebn1 = self.norm(train, 'prebn1')
+    channel_axes = x.ndim - 3
+    prebn1 = self.norm(train, 'prebn1', channel_axes=channel_axes)
     y = prebn1(x)
     # In eval mode a BatchNorm is a per-channel affine map, which commutes with the spatial mean:
     # the Global Perceptron pools x itself, so prebn1(x) is never written out whole (XLA fuses it
@@ -387,7 +407,7 @@ class RepMLPNetUnit(Part):
                         precision=self.precision, bn_groups=self.bn_groups,
                         name='repmlp_block')(y, train=train, pooled=pooled)
     # The deploy form folds prebn2 into the FFN's fc1 (a BN before a linear op, no padding).
-    y = x if self.deploy else self.norm(train, 'prebn2')(x)
+    y = x if self.deploy else self.norm(train, 'prebn2', channel_axes=channel_axes)(x)
     return x + FFNBlock(self.channels * self.ffn_expand, deploy=self.deploy, dtype=self.dtype,
                         precision=self.precision, bn_groups=self.bn_groups,
                         name='ffn_block')(y, train=train)

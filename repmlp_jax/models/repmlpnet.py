@@ -116,11 +116,18 @@ class RepMLPNet(nn.Module):
                                deploy=self.deploy, dtype=self.dtype, precision=self.precision,
                                bn_groups=groups)
       names = [f'stages_{s}_{b}' for b in range(depth)]
+      # A stage that is one window keeps its channels as (C/S, S) through its units
+      # (layers.split_channels).
+      split = x.shape[1:3] == (p, p) and shareset > 1
+      if split:
+        x = layers.split_channels(x, shareset)
       if self.scan_units and depth > 1 and not self.is_initializing():
         x = self._scan_units(unit(parent=None), names, x, train)
       else:
         for name in names:
           x = unit(name=name)(x, train=train)
+      if split:
+        x = x.reshape(*x.shape[:3], c)
       features[f'stage_{s}'] = x
     x = layers.batch_norm(train, self.dtype, name='head_norm', groups=groups)(x)
     pooled = jnp.mean(x, axis=(1, 2))
