@@ -93,8 +93,9 @@ def test_distinct_units_group_the_tiny_variants_units_by_stage():
   groups = bench_compile.distinct_units(model, np.zeros((2, 32, 32, 3), np.float32))
   assert [g['names'] for g in groups] == [['stages_0_0'], ['stages_1_0'],
                                           ['stages_2_0', 'stages_2_1'], ['stages_3_0']]
+  # Stage 3 is one window (1 x 1): its units see the channels as (C/S, S) = (4, 8).
   assert [g['input'].shape for g in groups] == [(2, 8, 8, 8), (2, 4, 4, 16), (2, 2, 2, 16),
-                                                (2, 1, 1, 32)]
+                                                (2, 1, 1, 4, 8)]
 
 
 def test_compile_breakdown_runs_in_a_fresh_process_and_sums_the_parts(tmp_path):
