@@ -116,10 +116,11 @@ class RepMLPNet(nn.Module):
                                deploy=self.deploy, dtype=self.dtype, precision=self.precision,
                                bn_groups=groups)
       names = [f'stages_{s}_{b}' for b in range(depth)]
-      # In training, a stage that is one window keeps its channels as (C/S, S) through its
-      # units (layers.split_channels). Evaluation and the deploy form compile to fewer bytes on
-      # TPU with the (N, H, W, C) maps (benchmarks/README.md, "The TPU compiler's count").
-      split = train and x.shape[1:3] == (p, p) and shareset > 1
+      # In training and in the deploy form, a stage that is one window keeps its channels as
+      # (C/S, S) through its units (layers.split_channels); the training form's evaluation
+      # compiles to fewer bytes on TPU with (N, H, W, C) maps (benchmarks/README.md, "The TPU
+      # compiler's count").
+      split = (train or self.deploy) and x.shape[1:3] == (p, p) and shareset > 1
       if split:
         x = layers.split_channels(x, shareset)
       if self.scan_units and depth > 1 and not self.is_initializing():
