@@ -211,3 +211,23 @@ def test_train_py_says_an_unknown_topology_in_one_line(tmp_path):
                              str(tmp_path / 'work'), '--config.compile_topology=v5e-3')
   assert code == 2 and len(lines) == 1, lines
   assert lines[0].startswith("train.py: error: unknown TPU topology 'v5e-3'; known forms: ")
+
+
+@needs_libtpu
+def test_train_py_ends_with_one_line_when_a_real_program_does_not_fit(tmp_path):
+  """A real compile for one v5e chip: 2^21 evaluation images (24 GiB of inputs alone) do not
+  fit its 16 GiB; libtpu refuses both forwards in seconds, the report is written, and the run
+  ends with the one line and exit 2."""
+  workdir = tmp_path / 'work'
+  code, lines = run_train_py('--config', 'configs/digits.py', '--workdir', str(workdir),
+                             '--config.compile_topology=v5e-1', '--config.eval_batch_size=2097152')
+  assert code == 2, lines
+  assert lines[-1].startswith('train.py: error: eval_step does not fit on v5e-1: it needs '), lines
+  assert lines[-1].endswith('GiB per chip, 16.00 GiB available (TPU v5 lite); lower it with '
+                            '--config.eval_batch_size (now 2097152), or shard the state with '
+                            '--config.fsdp=True (now False).'), lines
+  with open(workdir / compile_report.REPORT_FILE, encoding='utf-8') as f:
+    programs = json.load(f)['programs']
+  assert programs['train_step']['fits'] and not programs['eval_step']['fits']
+  assert programs['eval_step']['hbm_bytes_per_chip'] > programs['eval_step'][
+      'hbm_capacity_bytes_per_chip']
