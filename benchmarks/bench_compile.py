@@ -85,7 +85,8 @@ def distinct_units(model: nn.Module, x: jax.Array) -> list[dict[str, Any]]:
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
-    jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    # In training mode: the units' inputs as the training step feeds them.
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=True), x)
   return list(groups.values())
 
 
