@@ -58,10 +58,10 @@ def make_divisible(value: float, divisor: int) -> int:
 def split_channels(x: jax.Array, sharesets: int) -> jax.Array:
   """(N, H, W, C) -> (N, H, W, C/S, S): channel r*S + s at [..., r, s], as the partition rows.
 
-  In training the units of a one-window stage keep their maps so (RepMLPNet): fc3 contracts the
-  spatial axes per shareset and the FFN the channels, and with the two channel axes apart the
-  TPU compiler finds one layout that serves both (held as one C axis, it copies the map around
-  every fc3, forward and backward).
+  In training and in the deploy form the units of a one-window stage keep their maps so
+  (RepMLPNet): fc3 contracts the spatial axes per shareset and the FFN the channels, and with the
+  two channel axes apart the TPU compiler finds one layout that serves both (held as one C axis,
+  it copies the map around every fc3, forward and backward).
   """
   return x.reshape(*x.shape[:3], x.shape[3] // sharesets, sharesets)
 
