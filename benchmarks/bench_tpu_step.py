@@ -43,8 +43,8 @@ from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import repmlp_jax
+from benchmarks import bench_compile
 from benchmarks import bench_models
-from repmlp_jax.models import layers
 from repmlp_jax.tpu import hlo
 
 V5E_PEAK_FLOPS = 197e12  # bf16 dense, per chip.
@@ -128,21 +128,20 @@ class Programs:
                    (variables, self.images(self.eval_batch)), self.eval_batch)
 
   def units(self) -> dict[str, Any]:
-    """One unit per stage, forward and backward; {stage: figures}, each with its depth."""
-    m, results = self.model, {}
-    for s, (c, depth, p, shareset) in enumerate(
-        zip(m.channels, m.depths, m.partitions, m.sharesets)):
-      if self.stages is not None and s not in self.stages:
+    """One unit per stage, forward and backward; {stage: figures}, each with its depth.
+
+    The units and their inputs are those the model's training step calls and feeds
+    (`bench_compile.distinct_units`), their BatchNorms in `bn_groups` groups.
+    """
+    results = {}
+    x1 = jax.ShapeDtypeStruct((1, self.size, self.size, 3), jnp.float32)
+    for group in bench_compile.distinct_units(self.model, x1):
+      stage = int(group['path'][0].split('_')[1])  # 'stages_<stage>_<unit>'
+      if self.stages is not None and stage not in self.stages:
         continue
-      unit = layers.RepMLPNetUnit(c, p, p, shareset, tuple(m.reparam_conv_k),
-                                  layers.make_divisible(c // 4, m.gp_hidden_divisor),
-                                  m.ffn_expand, dtype=m.dtype, precision=m.precision,
-                                  bn_groups=self.bn_groups)
-      side = self.size // (4 * 2**s)
-      # As RepMLPNet feeds them: a one-window stage's maps hold their channels as (C/S, S).
-      channels = (c // shareset, shareset) if side == p and shareset > 1 else (c,)
-      x = jax.ShapeDtypeStruct((self.batch * self.chips, side, side, *channels), jnp.bfloat16,
-                               sharding=self.sharded)
+      unit = group['module'].clone(bn_groups=self.bn_groups)
+      x = jax.ShapeDtypeStruct((self.batch * self.chips, *group['input'].shape[1:]),
+                               group['input'].dtype, sharding=self.sharded)
       variables = _abstract(jax.eval_shape(unit.init, jax.random.key(0), x), self.replicated)
 
       def forward_backward(variables, x, unit=unit):
@@ -153,8 +152,8 @@ class Programs:
         grads, stats = jax.grad(loss, argnums=(0, 1), has_aux=True)(variables['params'], x)
         return grads, stats
 
-      results[f'stage_{s}'] = {'depth': depth,
-                               **figures(forward_backward, (variables, x), self.batch)}
+      results[f'stage_{stage}'] = {'depth': len(group['names']),
+                                   **figures(forward_backward, (variables, x), self.batch)}
     return results
 
 
