@@ -23,7 +23,8 @@ ImageNet end to end
 
    Variants: imagenet_t224, imagenet_b224, imagenet_t256, imagenet_b256, imagenet_d256,
    imagenet_l256. The learning rate scales with --config.global_batch_size / 256.
-   --config.fsdp=True also splits the large weights and the Adam moments over the devices.
+   The large weights and their Adam moments are split over the devices (FSDP, the default;
+   --config.fsdp=False keeps a full copy on each).
 
 3. Several hosts: run the same command on every host with --multihost (it calls
    jax.distributed.initialize() before anything else). <WORKDIR> and <DATA> must be visible to

@@ -145,6 +145,9 @@ def _remove(path: epath.Path) -> None:
       path.unlink()
   except FileNotFoundError:
     pass
+  except OSError as e:  # A writer's thread still adding to the folder: the next scan retries.
+    if e.errno != errno.ENOTEMPTY:
+      raise
 
 
 def _remove_new_entries(directory: epath.Path, before: set[str]) -> None:

@@ -4,8 +4,13 @@ The gs:// reads and writes themselves are tested against an emulator in tests/te
 """
 
 import contextlib
+import errno
 import io
+import os
+import shutil
 import sys
+import threading
+from unittest import mock
 
 import pytest
 
@@ -77,3 +82,27 @@ def test_outputs_make_missing_parents_and_never_overwrite(tmp_path):
   assert open(file, 'rb').read() == b'1'
   with pytest.raises(NotADirectoryError, match='is a file'):
     outputs.check_new_output(tmp_path / 'a' / 'b' / 'file.bin' / 'inside')
+
+
+def test_a_failed_write_is_cleaned_up_while_its_writer_thread_still_adds_files(tmp_path):
+  """orbax saves in threads: when one item fails, another may still be writing into the
+  temporary folder while it is removed ('Directory not empty'); the cleanup scans again and the
+  write's own error is what the caller sees."""
+  real_rmtree, calls = shutil.rmtree, []
+
+  def rmtree_racing_a_writer(path, *args, **kwargs):
+    calls.append(path)
+    if len(calls) == 1:  # The writer thread adds a file just as the first removal runs.
+      raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), str(path))
+    return real_rmtree(path, *args, **kwargs)
+
+  target = tmp_path / 'deploy'
+  with mock.patch.object(shutil, 'rmtree', rmtree_racing_a_writer):
+    with pytest.raises(outputs.WriteError, match='no space left on device'):
+      with outputs.writing(target):
+        (tmp_path / 'deploy.orbax-checkpoint-tmp' / 'params').mkdir(parents=True)
+        writer = threading.Thread(target=(tmp_path / 'deploy.orbax-checkpoint-tmp' / 'x').touch)
+        writer.start()
+        writer.join()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  assert len(calls) >= 2 and os.listdir(tmp_path) == []

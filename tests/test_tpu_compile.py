@@ -137,7 +137,12 @@ def test_a_program_that_does_not_fit_is_one_line_and_exit_2():
   assert str(caught.value) == (
       'train_step does not fit on v5e-1: it needs 23.50 GiB per chip, 16.00 GiB available (TPU '
       'v5 lite); lower it with --config.global_batch_size (now 4096), --config.grad_accum_steps '
-      '(now 1), or shard the state with --config.fsdp=True (now False).')
+      '(now 1).')
+  config.fsdp = False  # The state replicated: sharding it is one more lever.
+  with pytest.raises(compile_report.DoesNotFit) as caught:
+    compile_report.check_fits(report, config)
+  assert str(caught.value).endswith(
+      '--config.grad_accum_steps (now 1), or shard the state with --config.fsdp=True (now False).')
   report['programs']['train_step'] = fits
   compile_report.check_fits(report, config)  # Everything fits: no error.
 
@@ -224,8 +229,7 @@ def test_train_py_ends_with_one_line_when_a_real_program_does_not_fit(tmp_path):
   assert code == 2, lines
   assert lines[-1].startswith('train.py: error: eval_step does not fit on v5e-1: it needs '), lines
   assert lines[-1].endswith('GiB per chip, 16.00 GiB available (TPU v5 lite); lower it with '
-                            '--config.eval_batch_size (now 2097152), or shard the state with '
-                            '--config.fsdp=True (now False).'), lines
+                            '--config.eval_batch_size (now 2097152).'), lines
   with open(workdir / compile_report.REPORT_FILE, encoding='utf-8') as f:
     programs = json.load(f)['programs']
   assert programs['train_step']['fits'] and not programs['eval_step']['fits']

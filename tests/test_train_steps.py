@@ -170,7 +170,7 @@ def one_device():
 def test_eight_devices_match_one_device(one_device):
   assert jax.device_count() == 8
   # Official recipe: mixup / CutMix over the global (sharded) batch, BN over the global batch.
-  losses_8, state_8, exp = run_steps(tiny_config(), jax.devices(), global_batches())
+  losses_8, state_8, exp = run_steps(tiny_config(fsdp=False), jax.devices(), global_batches())
   assert exp.mesh.size == 8 and exp.batch_sharding.spec == P('data')
   np.testing.assert_allclose(losses_8, one_device[0], rtol=TOLERANCE)
   assert not np.allclose(losses_8[0], losses_8[-1])  # It did train.
@@ -195,6 +195,18 @@ def test_fsdp_shards_large_arrays_and_matches_one_device(one_device):
   for params in state_8['history'][1:]:
     expected = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, expected, params)
   chex.assert_trees_all_close(state_8['ema']['params'], expected, rtol=1e-5, atol=1e-7)
+  # Evaluation gathers the sharded weights once and counts what one device counts.
+  state_8.pop('history')
+  batch = {**global_batches(1, seed=1)[0], 'mask': np.arange(GLOBAL_BATCH) < GLOBAL_BATCH - 3}
+  metrics_8 = exp.evaluate(jax.device_put(state_8, exp.state_sharding),
+                           [sharding.global_batch(batch, exp.batch_sharding)])
+  assert metrics_8['count'] == GLOBAL_BATCH - 3 and 'ema_top1' in metrics_8
+  one_exp = experiment.Experiment(config, num_classes=NUM_CLASSES, steps=tiny_steps(),
+                                  mesh=sharding.create_mesh(jax.devices()[:1]))
+  metrics_1 = one_exp.evaluate(jax.device_put(state_8, one_exp.state_sharding),
+                               [sharding.global_batch(batch, one_exp.batch_sharding)])
+  for key, value in metrics_1.items():
+    np.testing.assert_allclose(metrics_8[key], value, rtol=1e-5, err_msg=key)
 
 
 def test_load_pretrained_keeps_all_but_a_resized_head(one_device, tmp_path):
