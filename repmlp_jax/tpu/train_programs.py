@@ -92,10 +92,9 @@ def lower(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   eval_batch['mask'] = jax.ShapeDtypeStruct((config.eval_batch_size,), jnp.bool_,
                                             sharding=exp.batch_sharding)
   state = exp.abstract_state
-  # Evaluation runs on the variables as Experiment.evaluate gathers them (replicated).
-  variables = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=exp.replicated),
-      {'params': state['params'], 'batch_stats': state['batch_stats']})
+  # Evaluation runs on the variables as Experiment.evaluate gathers them.
+  variables = jax.eval_shape(exp.gather_variables,
+                             {'params': state['params'], 'batch_stats': state['batch_stats']})
   programs = []
   if 'train_step' in names:
     programs.append(Program('train_step', exp.train_step.lower(state, train_batch),

@@ -275,9 +275,9 @@ class Experiment:
       {'top1', 'top5', 'loss', 'deploy_top1', 'deploy_top5', 'deploy_loss', 'count'} (+ 'ema_top1',
       'ema_top5', 'ema_loss' with EMA); accuracies are fractions over the unpadded examples.
     """
-    variables = self.gather_variables(_variables(state))
-    forms = {'': (self.eval_counts, variables),
-             'deploy_': (self.deploy_eval_counts, self.reparam(variables))}
+    gathered = self.gather_variables(_variables(state))
+    forms = {'': (self.eval_counts, gathered),
+             'deploy_': (self.deploy_eval_counts, self.reparam(gathered))}
     if 'ema' in state:
       forms['ema_'] = (self.eval_counts, self.gather_variables(state['ema']))
     totals = {prefix: None for prefix in forms}
