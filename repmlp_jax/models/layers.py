@@ -55,15 +55,22 @@ def make_divisible(value: float, divisor: int) -> int:
   return new_value
 
 
-def split_channels(x: jax.Array, sharesets: int) -> jax.Array:
-  """(N, H, W, C) -> (N, H, W, C/S, S): channel r*S + s at [..., r, s], as the partition rows.
+def split_channels(x: jax.Array, sharesets: int, merge_spatial: bool = False) -> jax.Array:
+  """(N, H, W, C) -> (N, H, W, C/S, S): channel r*S + s at [..., r, s], as the partition rows;
+  with `merge_spatial`, (N, H*W, 1, C/S, S) (position y*W + x).
 
   In training and in the deploy form the units of a one-window stage keep their maps so
   (RepMLPNet): fc3 contracts the spatial axes per shareset and the FFN the channels, and with the
   two channel axes apart the TPU compiler finds one layout that serves both (held as one C axis,
-  it copies the map around every fc3, forward and backward).
+  it copies the map around every fc3, forward and backward). The deploy form has no conv over
+  the window and merges the spatial axes of its stages of more than 4 sharesets (RepMLPNet):
+  with H and W apart (14 x 14, 7 x 7) the TPU compiler pads and copies them, and their FFNs do
+  not fuse (benchmarks/README.md, "The deploy forward").
   """
-  return x.reshape(*x.shape[:3], x.shape[3] // sharesets, sharesets)
+  n, height, width, c = x.shape
+  if merge_spatial:
+    height, width = height * width, 1
+  return x.reshape(n, height, width, c // sharesets, sharesets)
 
 
 def partition(x: jax.Array, h: int, w: int, sharesets: int) -> jax.Array:
@@ -123,20 +130,16 @@ class Part(nn.Module, kw_only=True):
     return batch_norm(train, self.dtype, name, groups=self.bn_groups, **kwargs)
 
 
-class PatchConv(nn.Module):
-  """A conv whose stride equals its kernel (no padding, no groups), computed as one matmul.
+class PointwiseConv(nn.Module):
+  """A 1x1 conv (stride 1, no groups) computed as one matmul over the channels.
 
-  The stem (4x4/4), the downsampling convs (2x2/2) and the FFN's 1x1 convs are such convs.
-  XLA:CPU runs a convolution op through its generic conv kernel even for 1x1 windows; cutting
-  the map into patches and calling one dot is markedly faster there (and no slower on
-  accelerators). The variables are those of `nn.Conv` (kernel (k, k, I, O) HWIO, bias (O,)),
-  initialized alike, so checkpoints and the importer see no difference.
-
-  1x1 only: x's channels may be held as (C / S, S) (`split_channels`), and with `split` = S the
-  output's are too.
+  The FFN's convs are such convs. XLA:CPU runs a convolution op through its generic conv kernel
+  even for 1x1 windows; one dot is markedly faster there (and no slower on accelerators). The
+  variables are those of `nn.Conv` (kernel (1, 1, I, O) HWIO, bias (O,)), initialized alike, so
+  checkpoints and the importer see no difference. x's channels may be held as (C / S, S)
+  (`split_channels`), and with `split` = S the output's are too.
   """
   features: int
-  kernel_size: int
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   precision: Precision = None
@@ -144,13 +147,7 @@ class PatchConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    k = self.kernel_size
-    n, height, width = x.shape[:3]
-    c = math.prod(x.shape[3:])
-    kernel, bias = conv_params(self, (k, k, c, self.features), self.use_bias)
-    if k > 1:  # (N, H, W, C) -> (N, H/k, W/k, k*k*C) in the kernel's (ky, kx, c) order.
-      x = x.reshape(n, height // k, k, width // k, k, c).transpose(0, 1, 3, 2, 4, 5)
-      x = x.reshape(n, height // k, width // k, k * k * c)
+    kernel, bias = conv_params(self, (1, 1, math.prod(x.shape[3:]), self.features), self.use_bias)
     out_shape = (self.features,) if self.split is None else (
         self.features // self.split, self.split)
     y = jnp.tensordot(x.astype(self.dtype),
@@ -252,10 +249,14 @@ class ConvBN(Part):
         and self.padding == self.kernel_size // 2):
       conv = functools.partial(DepthwiseConv, self.kernel_size, dtype=self.dtype,
                                precision=self.precision, name='conv')
-    elif self.kernel_size == self.strides and self.padding == 0 and self.groups == 1:
-      conv = functools.partial(PatchConv, self.features, self.kernel_size, dtype=self.dtype,
+    elif self.kernel_size == self.strides == 1 and self.padding == 0 and self.groups == 1:
+      conv = functools.partial(PointwiseConv, self.features, dtype=self.dtype,
                                precision=self.precision, split=self.split, name='conv')
     else:
+      # The stem's 4x4/4 and the downsampling 2x2/2 convs included: as convolutions, the TPU
+      # compiler keeps the maps around them in layouts that the units' matmuls share (written
+      # as patches and one dot, it transposed stage 0's maps: benchmarks/README.md, "The deploy
+      # forward").
       conv = functools.partial(
           nn.Conv, self.features, (self.kernel_size,) * 2, strides=(self.strides,) * 2,
           padding=[(self.padding, self.padding)] * 2, feature_group_count=self.groups,
@@ -299,8 +300,8 @@ class RepMLPBlock(Part):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False,
                pooled: jax.Array | None = None) -> jax.Array:
-    """Args: x (N, H, W, C), or one window (N, h, w, C/S, S) (`split_channels`), returned alike;
-    pooled: x's spatial mean when the caller has it cheaper."""
+    """Args: x (N, H, W, C), or one window (N, h, w, C/S, S) or (N, h*w, 1, C/S, S)
+    (`split_channels`), returned alike; pooled: x's spatial mean when the caller has it cheaper."""
     s, hw = self.sharesets, self.h * self.w
     gate = GlobalPerceptron(self.gp_hidden or self.channels // 4, dtype=self.dtype,
                             precision=self.precision, name='gp')(x, pooled)
@@ -318,7 +319,7 @@ class RepMLPBlock(Part):
 
   def _one_window(self, x: jax.Array, fc3_kernel: jax.Array, train: bool) -> jax.Array:
     """The block on a map that is one window: (N, h, w, C) with one shareset, else
-    (N, h, w, C/S, S), returned alike.
+    (N, h, w, C/S, S) or (N, h*w, 1, C/S, S), returned alike.
 
     The official re-assembly is then the inverse of the partition, so nothing is permuted:
     fc3 contracts the spatial axes per shareset (channel r*S + s belongs to shareset s), fc3_bn
@@ -370,21 +371,33 @@ class RepMLPBlock(Part):
 
 
 class FFNBlock(Part):
-  """conv1x1-BN -> GELU (exact erf) -> conv1x1-BN."""
+  """conv1x1-BN -> GELU (exact erf) -> conv1x1-BN.
+
+  x is (N, H, W, C), or (N, H, W, C/S, S) or (N, H*W, 1, C/S, S) (`split_channels`), returned
+  alike. On the deploy form's merged maps (N, H*W, 1, C/S, S) the FFN contracts the channels as
+  one C axis: the TPU compiler then computes fc1, GELU and fc2 in one fusion whose 4C-wide
+  hidden map never reaches HBM (benchmarks/README.md, "The deploy forward"); elsewhere the two
+  channel axes stay apart (`split_channels`).
+  """
   hidden: int
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    channels, split = math.prod(x.shape[3:]), (x.shape[-1] if x.ndim == 5 else None)
+    shape, channels = x.shape, math.prod(x.shape[3:])
+    merged = self.deploy and x.ndim == 5 and x.shape[2] == 1
+    split = x.shape[-1] if x.ndim == 5 and not merged else None
+    if merged:
+      x = x.reshape(*shape[:3], channels)
     x = self.conv_bn(self.hidden, 1, name='ffn_fc1')(x, train=train)
     x = nn.gelu(x, approximate=False)
-    return self.conv_bn(channels, 1, split=split, name='ffn_fc2')(x, train=train)
+    return self.conv_bn(channels, 1, split=split, name='ffn_fc2')(x, train=train).reshape(shape)
 
 
 class RepMLPNetUnit(Part):
   """x + RepMLPBlock(prebn1(x)), then y + FFN(prebn2(y)); deploy: y + FFN(y), prebn2 in fc1.
 
-  x is (N, H, W, C), or at one window (N, h, w, C/S, S) (`split_channels`), returned alike.
+  x is (N, H, W, C), or at one window (N, h, w, C/S, S) or (N, h*w, 1, C/S, S)
+  (`split_channels`), returned alike.
   """
   channels: int
   h: int

@@ -119,17 +119,19 @@ class RepMLPNet(nn.Module):
       # In training and in the deploy form, a stage that is one window keeps its channels as
       # (C/S, S) through its units (layers.split_channels); the training form's evaluation
       # compiles to fewer bytes on TPU with (N, H, W, C) maps (benchmarks/README.md, "The TPU
-      # compiler's count").
+      # compiler's count"). The deploy form merges the spatial axes of stages with more than 4
+      # sharesets (B224's stage 1 of 4 sharesets compiles to fewer bytes with them apart:
+      # benchmarks/README.md, "The deploy forward").
       split = (train or self.deploy) and x.shape[1:3] == (p, p) and shareset > 1
       if split:
-        x = layers.split_channels(x, shareset)
+        x = layers.split_channels(x, shareset, merge_spatial=self.deploy and shareset > 4)
       if self.scan_units and depth > 1 and not self.is_initializing():
         x = self._scan_units(unit(parent=None), names, x, train)
       else:
         for name in names:
           x = unit(name=name)(x, train=train)
       if split:
-        x = x.reshape(*x.shape[:3], c)
+        x = x.reshape(x.shape[0], p, p, c)
       features[f'stage_{s}'] = x
     x = layers.batch_norm(train, self.dtype, name='head_norm', groups=groups)(x)
     pooled = jnp.mean(x, axis=(1, 2))
