@@ -140,7 +140,8 @@ def test_bfloat16_activations_and_float32_batch_norm_reductions(bfloat16_tiny):
   unrounded = jax.lax.conv_general_dilated(
       x.astype(jnp.bfloat16).astype(jnp.float32), stem.astype(jnp.bfloat16).astype(jnp.float32),
       (4, 4), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision='highest')
-  candidates = [0.1 * jnp.mean(m.astype(jnp.float32), axis=(0, 1, 2)) for m in (conv_out, unrounded)]
+  candidates = [0.1 * jnp.mean(m.astype(jnp.float32), axis=(0, 1, 2))
+                for m in (conv_out, unrounded)]
   assert any(np.allclose(mean, c, rtol=1e-5, atol=1e-7) for c in candidates), (mean, candidates)
 
 

@@ -147,7 +147,8 @@ class PointwiseConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel, bias = conv_params(self, (1, 1, math.prod(x.shape[3:]), self.features), self.use_bias)
+    channels = math.prod(x.shape[3:])
+    kernel, bias = conv_params(self, (1, 1, channels, self.features), self.use_bias)
     out_shape = (self.features,) if self.split is None else (
         self.features // self.split, self.split)
     y = jnp.tensordot(x.astype(self.dtype),
