@@ -122,10 +122,8 @@ class CompileFailed(cli.ConfigError):
 def _fix(name: str, config: ml_collections.ConfigDict) -> str:
   batch = ('global_batch_size', 'grad_accum_steps') if name == 'train_step' else (
       'eval_batch_size',)
-  now = ', '.join(f'--config.{f} (now {config[f]})' for f in batch)
-  if config.fsdp:
-    return f'lower it with {now}'
-  return f'lower it with {now}, or shard the state with --config.fsdp=True (now False)'
+  fix = 'lower it with ' + ', '.join(f'--config.{f} (now {config[f]})' for f in batch)
+  return fix if config.fsdp else fix + ', or shard the state with --config.fsdp=True (now False)'
 
 
 def check_fits(report: dict[str, Any], config: ml_collections.ConfigDict) -> None:
