@@ -118,7 +118,7 @@ def test_bfloat16_close_to_float32(tiny, images):
   f32 = inference.Predictor(*tiny)
   bf16 = inference.Predictor(*tiny, dtype=jnp.bfloat16)
   dtypes = {a.dtype for a in jax.tree.leaves(bf16.variables['params'])}
-  assert dtypes == {jnp.dtype(jnp.bfloat16)}
+  assert dtypes == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}  # BatchNorms: float32.
   l32, l16 = f32.logits(images), bf16.logits(images)
   assert l16.dtype == np.float32
   err = helpers.relative_error(l32, l16)

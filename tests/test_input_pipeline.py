@@ -2,6 +2,7 @@
 
 import itertools
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -130,6 +131,22 @@ def test_eval_is_deterministic(fake_imagenet):
   second = list(input_pipeline.create_split('imagenet2012', **args))
   for a, b in zip(first, second, strict=True):
     np.testing.assert_array_equal(a['image'], b['image'])
+
+
+def test_bfloat16_eval_images_are_the_float32_ones_rounded_as_jax_rounds_them(fake_imagenet):
+  args = dict(train=False, batch_size=8, image_size=32)
+  full = list(input_pipeline.create_split('imagenet2012', **args))
+  half = list(input_pipeline.create_split('imagenet2012', **args, image_dtype='bfloat16'))
+  for a, b in zip(full, half, strict=True):
+    assert b['image'].dtype == jnp.bfloat16
+    expected = np.asarray(jnp.asarray(a['image']).astype(jnp.bfloat16))
+    np.testing.assert_array_equal(b['image'].view(np.uint16), expected.view(np.uint16))
+    np.testing.assert_array_equal(b['mask'], a['mask'])
+  with pytest.raises(ValueError, match="image_dtype must be 'float32' or 'bfloat16'; got 'int8'"):
+    input_pipeline.create_split('imagenet2012', **args, image_dtype='int8')
+  with pytest.raises(ValueError, match='Training images stay float32'):
+    input_pipeline.create_split('imagenet2012', train=True, batch_size=8, image_size=32,
+                                image_dtype='bfloat16')
 
 
 def test_cifar10_with_tfds_mock():

@@ -12,11 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 
 import repmlp_jax
 from configs import common
 from configs import digits
 from repmlp_jax import model_io
+from repmlp_jax.models import factory
 from repmlp_jax.train import experiment
 from repmlp_jax.train import sharding
 from repmlp_jax.train import trainer
@@ -153,6 +155,28 @@ def test_bfloat16_checkpoint_and_reparam_keep_float32_weights(bfloat16_tiny, tmp
   loaded_model, loaded = model_io.load_model(tmp_path / 'deploy')
   assert loaded_model.dtype == jnp.bfloat16 and loaded_model.deploy
   assert {leaf.dtype for leaf in jax.tree.leaves(loaded)} == {jnp.dtype(jnp.float32)}
+
+
+def test_bfloat16_evaluation_runs_the_deploy_form_on_bfloat16_parameters():
+  """train.py's deploy evaluation casts the reparam'd parameters once (factory.cast_params, the
+  Predictor's rule): bfloat16 weights, float32 BatchNorms, and the same logits, bit for bit, as
+  the model casting the float32 weights itself."""
+  exp = one_device_experiment(tiny_config(dtype='bfloat16'))
+  assert exp.eval_image_dtype == 'bfloat16'
+  variables = fast_init.random_variables(exp.model, (1, 32, 32, 3))
+  cast = exp.deploy_variables(variables)
+  params = traverse_util.flatten_dict(cast['params'], sep='/')
+  norms = {k.rsplit('/', 1)[0] for k in traverse_util.flatten_dict(cast['batch_stats'], sep='/')}
+  assert {k for k, v in params.items() if v.dtype == jnp.float32} == {
+      f'{norm}/{p}' for norm in norms for p in ('scale', 'bias')}
+  assert {v.dtype for v in params.values()} == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}
+  images = jax.random.normal(jax.random.key(1), (8, 32, 32, 3)).astype(jnp.bfloat16)
+  got = exp.deploy_model.apply(cast, images)
+  expected = exp.deploy_model.apply(exp.reparam(variables), images)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))
+  unchanged = factory.cast_params(variables, jnp.float32)
+  assert all(a is b for a, b in zip(jax.tree.leaves(unchanged), jax.tree.leaves(variables)))
+  assert one_device_experiment(tiny_config()).eval_image_dtype == 'float32'
 
 
 def _dots_and_convs(lowered_text: str) -> list[str]:

@@ -4,8 +4,8 @@ A `Predictor` holds a model and its variables on one device (CPU, GPU or TPU: wh
 `jax.devices()` gives first, or the one passed). A training-form model is re-parameterized once
 (jit) to the deploy form unless asked not to. Every batch is padded to a fixed batch size, so a
 Predictor compiles once per input resolution, whatever the number of images (the last partial
-batch does not recompile). `dtype=jnp.bfloat16` casts the parameters and the computation
-(the README gives its agreement with float32).
+batch does not recompile). `dtype=jnp.bfloat16` casts the parameters (BatchNorms' stay float32)
+and the computation (the README gives its agreement with float32).
 """
 
 import os
@@ -24,12 +24,6 @@ from repmlp_jax.models import features as features_lib
 from repmlp_jax.reparameterize import deploy as reparameterize
 
 
-def cast_floating(tree: Any, dtype: Any) -> Any:
-  """`tree` with every floating-point array cast to `dtype` (integer leaves unchanged)."""
-  return jax.tree.map(
-      lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
-
-
 class Predictor:
   """Classifies images with a RepMLPNet, compiled once per input shape."""
 
@@ -44,8 +38,9 @@ class Predictor:
       model: a model from `create_model` or `load_model`, training or deploy form.
       variables: its {'params', 'batch_stats'}.
       reparameterize_model: convert a training-form model to the deploy form (jit, once).
-      dtype: compute and parameter dtype (jnp.float32 or jnp.bfloat16). BatchNorm statistics
-        stay float32; logits and scores are returned as float32. None: the model's own dtype.
+      dtype: compute and parameter dtype (jnp.float32 or jnp.bfloat16). BatchNorms' statistics
+        and parameters stay float32; logits and scores are returned as float32. None: the
+        model's own dtype.
       precision: of every dot and convolution, 'default', 'high' or 'highest' (see the README,
         Numerics on accelerators); None keeps the model's.
       batch_size: the fixed batch every call is padded to (one compilation per resolution).
@@ -65,8 +60,7 @@ class Predictor:
     self.dtype = jnp.dtype(model.dtype if dtype is None else dtype)
     model = model.clone(dtype=self.dtype, precision=model.precision if precision is None
                         else factory.parse_precision(precision))
-    if self.dtype != jnp.float32:
-      variables = {**variables, 'params': cast_floating(variables['params'], self.dtype)}
+    variables = factory.cast_params(variables, self.dtype)
     self.model = model
     self.variables = variables
     self.batch_size = batch_size

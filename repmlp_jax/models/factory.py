@@ -6,6 +6,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from repmlp_jax.models import pure_mlp
 from repmlp_jax.models import repmlp_resnet
@@ -144,3 +145,18 @@ def abstract_variables(model: nn.Module) -> Any:
   size = example_input_size(model)
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   return jax.eval_shape(model.init, jax.random.key(0), x)
+
+
+def cast_params(variables: Mapping[str, Any], dtype: Any) -> dict[str, Any]:
+  """`variables` with the parameters that the model casts to its compute `dtype` cast once:
+  the deploy form as the Predictor serves it and train.py evaluates it, rather than cast in
+  every batch's program. BatchNorms (the modules holding 'batch_stats') compute in float32 and
+  keep their float32 parameters and statistics, so the model's outputs do not change. A
+  float32 or wider `dtype` leaves the variables as they are."""
+  if jnp.finfo(dtype).bits >= 32:
+    return dict(variables)
+  batch_norms = {path[:-1] for path in traverse_util.flatten_dict(variables.get('batch_stats', {}))}
+  params = {path: a if path[:-1] in batch_norms or not jnp.issubdtype(a.dtype, jnp.floating)
+            else a.astype(dtype)
+            for path, a in traverse_util.flatten_dict(variables['params']).items()}
+  return {**variables, 'params': traverse_util.unflatten_dict(params)}

@@ -5,9 +5,9 @@ The three programs a training run compiles (`repmlp_jax.train.experiment.Experim
                   BatchNorm groups, gradient accumulation, clipping, EMA and the logged norms,
                   whatever the config turns on; global batch `global_batch_size`.
   eval_step       the training form in eval mode, as train.py's evaluation counts top-1 / top-5;
-                  batch `eval_batch_size`.
-  deploy_forward  the same evaluation of the deploy form after `reparam`, with the variables
-                  sharded as the compiled reparam leaves them.
+                  batch `eval_batch_size`, images in the compute dtype.
+  deploy_forward  the same evaluation of the deploy form after `reparam`, its parameters in the
+                  compute dtype, sharded as the compiled reparam leaves them.
 Each comes with the useful FLOPs per image (`repmlp_jax.macs`: 2 per multiply-accumulate, a
 training step 3 forwards) where the model is a RepMLPNet.
 """
@@ -56,10 +56,10 @@ def dataset_shape(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return info.num_classes, info.num_train_examples
 
 
-def _images(batch: int, size: int, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
-  """The input pipeline's batch: float32 images and int32 labels, split over the mesh."""
-  return {'image': jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32,
-                                        sharding=batch_sharding),
+def _images(batch: int, size: int, batch_sharding,
+            dtype: str = 'float32') -> dict[str, jax.ShapeDtypeStruct]:
+  """The input pipeline's batch: images (`dtype`) and int32 labels, split over the mesh."""
+  return {'image': jax.ShapeDtypeStruct((batch, size, size, 3), dtype, sharding=batch_sharding),
           'label': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding)}
 
 
@@ -88,7 +88,8 @@ def lower(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   steps = experiment.derive_steps(config, num_train)
   exp = experiment.Experiment(config, num_classes=num_classes, steps=steps, mesh=mesh)
   train_batch = _images(config.global_batch_size, config.image_size, exp.batch_sharding)
-  eval_batch = _images(config.eval_batch_size, config.eval_image_size, exp.batch_sharding)
+  eval_batch = _images(config.eval_batch_size, config.eval_image_size, exp.batch_sharding,
+                       exp.eval_image_dtype)
   eval_batch['mask'] = jax.ShapeDtypeStruct((config.eval_batch_size,), jnp.bool_,
                                             sharding=exp.batch_sharding)
   state = exp.abstract_state
@@ -105,11 +106,12 @@ def lower(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                             config.eval_batch_size,
                             _useful_flops(exp.model, config.eval_image_size, 1)))
   if 'deploy_forward' in names:
-    # The deploy variables live where the compiled reparam puts them during evaluation.
-    reparam = exp.reparam.lower(variables).compile()
+    # The deploy variables live where the compiled reparam puts them during evaluation, in the
+    # dtype it gives them (Experiment.deploy_variables).
+    reparam = exp.deploy_variables.lower(variables).compile()
     deploy_variables = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        jax.eval_shape(exp.reparam, variables), reparam.output_shardings)
+        jax.eval_shape(exp.deploy_variables, variables), reparam.output_shardings)
     programs.append(Program('deploy_forward',
                             exp.deploy_eval_counts.lower(deploy_variables, eval_batch),
                             config.eval_batch_size,

@@ -85,13 +85,13 @@ def _train_batches(config, start_step: int) -> Iterator[dict[str, np.ndarray]]:
       data_service_address=config.get('data_service_address'))
 
 
-def _eval_batches(config, batch_sharding) -> Iterator[dict[str, jax.Array]]:
+def _eval_batches(config, exp: experiment.Experiment) -> Iterator[dict[str, jax.Array]]:
   local = input_pipeline.create_split(
       config.dataset, train=False,
       batch_size=_local_batch_size(config.eval_batch_size, 'eval_batch_size'),
       image_size=config.eval_image_size, data_dir=config.data_dir,
-      preprocess=_preprocess(config))
-  return (sharding.global_batch(b, batch_sharding) for b in local)
+      preprocess=_preprocess(config), image_dtype=exp.eval_image_dtype)
+  return (sharding.global_batch(b, exp.batch_sharding) for b in local)
 
 
 def _preprocess(config):
@@ -237,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         bar.update(step)
       eval_metrics = None
       if evaluate:
-        eval_metrics = exp.evaluate(state, _eval_batches(config, exp.batch_sharding))
+        eval_metrics = exp.evaluate(state, _eval_batches(config, exp))
         writer.write(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
         bar.write(_summary(step, eval_metrics))
       if save:
@@ -249,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     started = True
     if eval_metrics is None:  # Resumed after the last step: evaluate what was restored.
-      eval_metrics = exp.evaluate(state, _eval_batches(config, exp.batch_sharding))
+      eval_metrics = exp.evaluate(state, _eval_batches(config, exp))
       bar.write(_summary(step, eval_metrics))
     deploy_dir = os.fspath(storage.resolve(workdir) / 'deploy')
     # Decided by process 0 for all: save_model is collective, every process must join it.
