@@ -11,6 +11,7 @@ import math
 import types
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from benchmarks import bench_memory
@@ -19,6 +20,7 @@ from repmlp_jax import macs
 from repmlp_jax.commands import cli
 from repmlp_jax.models import factory
 from repmlp_jax.tpu import compile_report
+from repmlp_jax.tpu import hlo
 from repmlp_jax.tpu import topologies
 from repmlp_jax.tpu import train_programs
 from tests.test_cli_messages import run_train_py
@@ -100,6 +102,55 @@ def test_figures_of_a_hand_written_program():
   rate = 16 / max(4e12 / 197e12, 8e9 / 819e9)  # HBM-bound: 9.8 ms of traffic, 20 ms of math.
   assert math.isclose(got['roofline_img_per_s_per_chip'], rate)
   assert math.isclose(got['mfu_bound'], rate * 1e11 / 197e12)
+
+
+@needs_libtpu
+def test_loops_over_matmuls_are_flagged_as_counted_once():
+  """A lax.scan over matmuls is counted once by the cost analysis, whatever its length; the
+  report flags it. The Beta sampler's loops (mixup) hold no matmul and are not flagged."""
+  mesh = jax.sharding.Mesh(topologies.devices(topologies.parse('v5e:2x2')), ('data',))
+  whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  x = jax.ShapeDtypeStruct((256, 128), jnp.bfloat16, sharding=whole)
+
+  def scanned(w, x):
+    return jax.lax.scan(lambda x, w: (jnp.tanh(x @ w), None), x, w)[0]
+
+  def unrolled(w, x):
+    for i in range(w.shape[0]):
+      x = jnp.tanh(x @ w[i])
+    return x
+
+  def sampled(w, x):
+    return x @ w[0] * jax.random.beta(jax.random.key(0), 0.8, 0.8)
+
+  found = {}
+  for f in (scanned, unrolled, sampled):
+    for n in (1, 4):
+      w = jax.ShapeDtypeStruct((n, 128, 128), jnp.bfloat16, sharding=whole)
+      program = jax.jit(f).lower(w, x).compile()
+      text = program.as_text()
+      found[f.__name__, n] = (compile_report._first(program.cost_analysis())['flops'],
+                              hlo.loops_with_matmuls(text), text.count(' while('))
+  # The scan's body counted once whatever its length (the loop counter aside).
+  assert math.isclose(found['scanned', 4][0], found['scanned', 1][0], rel_tol=1e-3)
+  assert math.isclose(found['unrolled', 4][0], 4 * found['unrolled', 1][0], rel_tol=1e-3)
+  assert found['scanned', 4][1:] == (1, 1) and found['unrolled', 4][1:] == (0, 0)
+  assert found['sampled', 1][1] == 0 and found['sampled', 1][2] > 0
+
+
+def test_the_table_marks_programs_with_loops_over_model_work():
+  entry = dict(batch_per_chip=8, flops_per_chip=1e12, bytes_per_image=5e7, hbm_bytes_per_chip=2**30,
+               fits=True, copies=3, roofline_img_per_s_per_chip=100.0, mfu_bound=0.5,
+               compile_s=1.0, compile_cpu_s=2.0)
+  report = {'model': 'm', 'dtype': 'bfloat16', 'topology': 'v5e-4', 'chips': 4,
+            'device_kind': 'TPU v5 lite',
+            'programs': {'train_step': {**entry, 'loops_with_matmuls': 4},
+                         'eval_step': {**entry, 'loops_with_matmuls': 0}}}
+  lines = compile_report.format_table(report).splitlines()
+  assert '50.0*' in lines[2] and '50.0*' not in lines[3]
+  assert lines[-1].startswith('* loops over model work')
+  report['programs'].pop('train_step')
+  assert '*' not in compile_report.format_table(report)
 
 
 def test_the_breakdown_counts_tpu_tiles_and_asynchronous_moves():

@@ -16,6 +16,10 @@ when a program needs more HBM per chip than the chip has. Per program, per chip:
   hbm_capacity_bytes_per_chip the chip's published HBM (topologies.CHIPS)
   fits                        hbm_bytes_per_chip <= capacity, and the compiler accepted it
   copies                      copy instructions left in the optimized program (layout changes)
+  loops_with_matmuls          while loops that repeat model work (scan_units, gradient
+                              accumulation): the cost analysis takes each body once, so the
+                              FLOPs and bytes above undercount such a program (the table marks
+                              it with *) and its roofline overstates
   roofline_img_per_s_per_chip batch / max(flops / peak bf16, bytes / HBM bandwidth)
   mfu_bound                   the useful FLOPs (repmlp_jax.macs) at the roofline rate over peak
 
@@ -62,6 +66,7 @@ def figures(compiled, batch_per_chip: int, chip: topologies.Chip,
   cost = _first(compiled.cost_analysis())
   memory = compiled.memory_analysis()
   flops, moved = float(cost['flops']), float(cost['bytes accessed'])
+  text = compiled.as_text()
   hbm = (memory.argument_size_in_bytes + memory.temp_size_in_bytes
          + memory.output_size_in_bytes - memory.alias_size_in_bytes)
   rate = batch_per_chip / max(flops / chip.peak_bf16_flops, moved / chip.hbm_bandwidth)
@@ -69,7 +74,7 @@ def figures(compiled, batch_per_chip: int, chip: topologies.Chip,
       'flops_per_chip': flops, 'bytes_accessed_per_chip': moved,
       'bytes_per_image': moved / batch_per_chip, 'hbm_bytes_per_chip': int(hbm),
       'hbm_capacity_bytes_per_chip': chip.hbm_bytes, 'fits': hbm <= chip.hbm_bytes,
-      'copies': hlo.count_ops(compiled.as_text())['copy'],
+      'copies': hlo.count_ops(text)['copy'], 'loops_with_matmuls': hlo.loops_with_matmuls(text),
       'roofline_img_per_s_per_chip': rate,
       'mfu_bound': (None if useful_flops_per_image is None
                     else rate * useful_flops_per_image / chip.peak_bf16_flops)}
@@ -156,11 +161,16 @@ def format_table(report: dict[str, Any]) -> str:
                    f'{"":33} {p["compile_s"]:9.1f} {p["compile_cpu_s"]:6.1f}')
       continue
     mfu = '-' if p['mfu_bound'] is None else f'{100 * p["mfu_bound"]:5.1f}%'
+    mark = '*' if p.get('loops_with_matmuls') else ' '
     lines.append(
         f'{name:15} {p["batch_per_chip"]:5d} {p["flops_per_chip"] / 1e12:7.3f} '
-        f'{p["bytes_per_image"] / 1e6:8.1f} {hbm} {"yes" if p["fits"] else "no":>4} '
+        f'{p["bytes_per_image"] / 1e6:7.1f}{mark} {hbm} {"yes" if p["fits"] else "no":>4} '
         f'{p["copies"]:6d} {p["roofline_img_per_s_per_chip"]:7.0f} {mfu:>6} '
         f'{p["compile_s"]:9.1f} {p["compile_cpu_s"]:6.1f}')
+  if any(p.get('loops_with_matmuls') for p in report['programs'].values()):
+    lines.append('* loops over model work (scan_units, gradient accumulation): the compiler '
+                 'counts each loop body once, so its FLOPs and bytes are too low and its '
+                 'img/s and MFU too high.')
   return '\n'.join(lines)
 
 
