@@ -1,4 +1,4 @@
-"""Reading an optimized HLO module's text: the layout instructions it kept, its loops over matmuls."""
+"""An optimized HLO module's text: the layout instructions it kept, its loops over matmuls."""
 
 import re
 
