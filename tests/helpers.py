@@ -5,8 +5,10 @@ import os
 import subprocess
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 
 def randomize_batch_norm(variables, seed: int = 0):
@@ -59,3 +61,16 @@ def tmpfs(directory, size: str):
     yield directory
   finally:
     subprocess.run(['umount', str(directory)], check=True)
+
+
+def float32_params(variables) -> set[str]:
+  """The 'a/b/scale'-style names of the float32 leaves of variables['params']."""
+  params = traverse_util.flatten_dict(variables['params'], sep='/')
+  return {k for k, p in params.items() if p.dtype == jnp.float32}
+
+
+def batch_norm_params(variables) -> set[str]:
+  """The names of the BatchNorms' scales and shifts (the modules holding 'batch_stats')."""
+  norms = {k.rsplit('/', 1)[0] for k in traverse_util.flatten_dict(variables['batch_stats'],
+                                                                   sep='/')}
+  return {f'{norm}/{p}' for norm in norms for p in ('scale', 'bias')}

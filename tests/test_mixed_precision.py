@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import traverse_util
 
 import repmlp_jax
 from configs import common
@@ -23,6 +22,7 @@ from repmlp_jax.train import experiment
 from repmlp_jax.train import sharding
 from repmlp_jax.train import trainer
 from tests import fast_init
+from tests import helpers
 
 NUM_CLASSES = 10
 GLOBAL_BATCH = 16
@@ -165,11 +165,9 @@ def test_bfloat16_evaluation_runs_the_deploy_form_on_bfloat16_parameters():
   assert exp.eval_image_dtype == 'bfloat16'
   variables = fast_init.random_variables(exp.model, (1, 32, 32, 3))
   cast = exp.deploy_variables(variables)
-  params = traverse_util.flatten_dict(cast['params'], sep='/')
-  norms = {k.rsplit('/', 1)[0] for k in traverse_util.flatten_dict(cast['batch_stats'], sep='/')}
-  assert {k for k, v in params.items() if v.dtype == jnp.float32} == {
-      f'{norm}/{p}' for norm in norms for p in ('scale', 'bias')}
-  assert {v.dtype for v in params.values()} == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}
+  assert helpers.float32_params(cast) == helpers.batch_norm_params(cast)
+  assert {p.dtype for p in jax.tree.leaves(cast['params'])} == {
+      jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}
   images = jax.random.normal(jax.random.key(1), (8, 32, 32, 3)).astype(jnp.bfloat16)
   got = exp.deploy_model.apply(cast, images)
   expected = exp.deploy_model.apply(exp.reparam(variables), images)

@@ -27,6 +27,7 @@ from repmlp_jax.inference import predictor as inference
 from repmlp_jax.pytorch import keys_repmlpnet as keys
 from repmlp_jax.train import checkpointing
 from repmlp_jax.train import trainer
+from tests import helpers
 from tests import rounding
 from tests import torch_checkpoints as tc
 from tests import torch_reference as tr
@@ -168,7 +169,7 @@ def test_predictor_at_another_resolution_than_the_model(tiny_checkpoint):
     inference.Predictor(model, variables, image_size=40)
 
 
-def test_bf16_predictor_keeps_batch_norm_statistics_float32(tiny_checkpoint):
+def test_bf16_predictor_keeps_batch_norms_float32(tiny_checkpoint):
   ckpt, _ = tiny_checkpoint
   model, variables = model_io.load_model(ckpt)
   predictor = inference.Predictor(model, variables, dtype=jnp.bfloat16, batch_size=2,
@@ -177,7 +178,10 @@ def test_bf16_predictor_keeps_batch_norm_statistics_float32(tiny_checkpoint):
   assert stats and all(s.dtype == jnp.float32 for s in stats)
   # Not rounded through bfloat16 either.
   chex.assert_trees_all_equal(predictor.variables['batch_stats'], variables['batch_stats'])
-  assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(predictor.variables['params']))
+  # The weights in bfloat16; the BatchNorms' scales and shifts float32, as they compute.
+  assert helpers.float32_params(predictor.variables) == helpers.batch_norm_params(variables)
+  assert {p.dtype for p in jax.tree.leaves(predictor.variables['params'])} == {
+      jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}
   x = np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype(np.float32)
   full = np.asarray(jax.jit(model.apply)(variables, x))
   # bfloat16 keeps 8 bits of mantissa: ~1% of the largest logit after a dozen layers.
