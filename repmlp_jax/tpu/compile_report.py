@@ -17,9 +17,10 @@ when a program needs more HBM per chip than the chip has. Per program, per chip:
   fits                        hbm_bytes_per_chip <= capacity, and the compiler accepted it
   copies                      copy instructions left in the optimized program (layout changes)
   loops_with_matmuls          while loops that repeat model work (scan_units, gradient
-                              accumulation): the cost analysis takes each body once, so the
-                              FLOPs and bytes above undercount such a program (the table marks
-                              it with *) and its roofline overstates
+                              accumulation, or loops the compiler builds itself, as v6e's
+                              around convolutions and matmuls): the cost analysis takes each
+                              body once, so the FLOPs and bytes above undercount such a program
+                              (the table marks it with *) and its roofline overstates
   roofline_img_per_s_per_chip batch / max(flops / peak bf16, bytes / HBM bandwidth)
   mfu_bound                   the useful FLOPs (repmlp_jax.macs) at the roofline rate over peak
 
@@ -168,9 +169,9 @@ def format_table(report: dict[str, Any]) -> str:
         f'{p["copies"]:6d} {p["roofline_img_per_s_per_chip"]:7.0f} {mfu:>6} '
         f'{p["compile_s"]:9.1f} {p["compile_cpu_s"]:6.1f}')
   if any(p.get('loops_with_matmuls') for p in report['programs'].values()):
-    lines.append('* loops over model work (scan_units, gradient accumulation): the compiler '
-                 'counts each loop body once, so its FLOPs and bytes are too low and its '
-                 'img/s and MFU too high.')
+    lines.append('* loops over model work (scan_units, gradient accumulation, or the '
+                 "compiler's own): the compiler counts each loop body once, so its FLOPs and "
+                 'bytes are too low and its img/s and MFU too high.')
   return '\n'.join(lines)
 
 
