@@ -21,8 +21,9 @@ _CALLED = re.compile(r'(?:calls|body|condition|to_apply)=%([\w.\-]+)'
 def loops_with_matmuls(hlo_text: str) -> int:
   """The while loops of an optimized HLO module's text whose bodies (or what they call) hold a
   dot or a convolution: the loops that repeat model work (lax.scan over units, gradient
-  accumulation, loops the compiler builds around matmuls itself), not those of a sampler. The compiler's cost analysis takes a loop's body once,
-  whatever its trip count, so a program with such loops moves more than its count says."""
+  accumulation, loops the compiler builds around matmuls itself), not those of a sampler. The
+  compiler's cost analysis takes a loop's body once, whatever its trip count, so a program with
+  such loops moves more than its count says."""
   computations = dict(_COMPUTATION.findall(hlo_text))
   known: dict[str, bool] = {}
 
