@@ -158,8 +158,8 @@ class Experiment:
     # forward ~2 MB of HBM traffic per image on TPU). Evaluation images come in the compute
     # dtype too (input_pipeline.create_split's image_dtype): rounded on the host exactly as the
     # model would round them on the device.
-    self.deploy_variables = jax.jit(lambda variables: factory.cast_params(
-        reparameterize.reparam_variables(self.model, variables), self.model.dtype))
+    self.deploy_variables = jax.jit(
+        lambda variables: factory.cast_params(self.reparam(variables), self.model.dtype))
     self.eval_image_dtype = 'bfloat16' if self.model.dtype == jnp.bfloat16 else 'float32'
 
   def built_from(self, config: ml_collections.ConfigDict) -> bool:
