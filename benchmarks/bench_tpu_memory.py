@@ -15,7 +15,6 @@ so a loop counts as one instruction). `--dtype` sets the compute dtype of --mode
 (default bfloat16, as the ImageNet configs).
 """
 
-import functools
 import json
 import sys
 
@@ -29,6 +28,7 @@ import repmlp_jax
 from benchmarks import bench_memory
 from benchmarks import bench_models
 from repmlp_jax import macs
+from repmlp_jax.models import factory
 from repmlp_jax.reparameterize import deploy as reparameterize
 from repmlp_jax.tpu import compile_report
 from repmlp_jax.tpu import topologies
@@ -51,24 +51,25 @@ _JSON = flags.DEFINE_string('json', None, 'Also write the report and breakdowns 
 def model_programs(name: str, batch: int, eval_batch: int, dtype: str,
                    mesh: jax.sharding.Mesh) -> list[train_programs.Program]:
   """bench_models' programs of `name`: its training step (forward, backward, AdamW) and the two
-  eval-mode forwards; images split over `mesh`, variables and optimizer state replicated."""
+  eval-mode forwards; images split over `mesh`, variables and optimizer state replicated. As in
+  train.py, the forwards take images in the compute dtype and the deploy form's weights cast to
+  it beforehand (`factory.cast_params`); the step's images are float32."""
   model = repmlp_jax.create_model(name, dtype=dtype)
   deploy_model = model.clone(deploy=True)
   size = model.image_size or model.input_multiple
   split, whole = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
-  def abstract(tree, where):
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where), tree)
+  def images(n, image_dtype=jnp.float32):
+    return jax.ShapeDtypeStruct((n, size, size, 3), image_dtype, sharding=split)
 
-  def images(n):
-    return jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32, sharding=split)
-
-  variables = abstract(jax.eval_shape(model.init, jax.random.key(0), images(1)), whole)
+  variables = sharding.placed(jax.eval_shape(model.init, jax.random.key(0), images(1)), whole)
   tx = bench_models.adamw()
-  state = abstract(jax.eval_shape(lambda v: bench_models.train_state(v, tx), variables), whole)
+  state = sharding.placed(jax.eval_shape(lambda v: bench_models.train_state(v, tx), variables),
+                          whole)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=split)
-  deploy_variables = abstract(jax.eval_shape(
-      functools.partial(reparameterize.reparam_variables, model), variables), whole)
+  deploy_variables = sharding.placed(jax.eval_shape(
+      lambda v: factory.cast_params(reparameterize.reparam_variables(model, v), model.dtype),
+      variables), whole)
 
   def forward(m):
     return jax.jit(lambda v, x: m.apply(v, x, train=False))
@@ -78,10 +79,12 @@ def model_programs(name: str, batch: int, eval_batch: int, dtype: str,
       train_programs.Program(
           'train_step', jax.jit(bench_models.make_train_step(model, tx), donate_argnums=0)
           .lower(state, images(batch), labels), batch, 3 * useful),
-      train_programs.Program('eval_step', forward(model).lower(variables, images(eval_batch)),
-                             eval_batch, useful),
       train_programs.Program(
-          'deploy_forward', forward(deploy_model).lower(deploy_variables, images(eval_batch)),
+          'eval_step', forward(model).lower(variables, images(eval_batch, model.dtype)),
+          eval_batch, useful),
+      train_programs.Program(
+          'deploy_forward',
+          forward(deploy_model).lower(deploy_variables, images(eval_batch, model.dtype)),
           eval_batch, 2.0 * macs.macs_per_image(deploy_model)),
   ]
 

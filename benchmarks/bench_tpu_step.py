@@ -9,8 +9,11 @@ Lowers and compiles, with libtpu's compiler on this machine (`TPU_SKIP_MDS_QUERY
 
 - `step`: one training step (forward, backward, AdamW; train-mode BatchNorm), `--batch` images
   per chip (default 128);
-- `eval`: the training form's forward in eval mode, `--eval-batch` per chip (default 256);
-- `deploy`: the deploy form's forward, `--eval-batch` per chip;
+- `eval`: the training form's forward in eval mode, `--eval-batch` per chip (default 256), on
+  bfloat16 images as train.py's evaluation sends them;
+- `deploy`: the deploy form's forward, `--eval-batch` per chip, on bfloat16 images and weights
+  cast to bfloat16 beforehand (BatchNorms float32: `factory.cast_params`), as train.py evaluates
+  it and the Predictor serves it;
 - `units`: one RepMLPNet unit of each stage, forward and backward (gradients of the parameters
   and of the input, new BatchNorm statistics) at `--batch` per chip, its input shaped as
   RepMLPNet feeds it, its BatchNorms in `--bn-groups` groups; its bytes times the stage's depth
@@ -45,7 +48,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import repmlp_jax
 from benchmarks import bench_compile
 from benchmarks import bench_models
+from repmlp_jax.models import factory
 from repmlp_jax.tpu import hlo
+from repmlp_jax.train import sharding
 
 V5E_PEAK_FLOPS = 197e12  # bf16 dense, per chip.
 V5E_HBM_BYTES_PER_S = 819e9
@@ -55,10 +60,6 @@ PROGRAMS = ('units', 'step', 'eval', 'deploy')
 def _cpu_seconds() -> float:
   usage = resource.getrusage(resource.RUSAGE_SELF)
   return usage.ru_utime + usage.ru_stime
-
-
-def _abstract(tree: Any, sharding: NamedSharding) -> Any:
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
 def figures(fn, args, images: int, **jit_kwargs) -> dict[str, Any]:
@@ -101,31 +102,38 @@ class Programs:
     self.replicated = NamedSharding(self.mesh, P())
     self.sharded = NamedSharding(self.mesh, P('data'))
     x1 = jax.ShapeDtypeStruct((1, self.size, self.size, 3), jnp.float32)
-    self.variables = _abstract(jax.eval_shape(self.model.init, jax.random.key(0), x1),
-                               self.replicated)
+    self.variables = sharding.placed(jax.eval_shape(self.model.init, jax.random.key(0), x1),
+                                     self.replicated)
 
-  def images(self, per_chip: int) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct((per_chip * self.chips, self.size, self.size, 3), jnp.float32,
+  def images(self, per_chip: int, dtype: Any = jnp.float32) -> jax.ShapeDtypeStruct:
+    """Training images are float32 (mixup and CutMix mix them before the model's cast); the
+    evaluation pipeline sends them in the compute dtype (input_pipeline.create_split)."""
+    return jax.ShapeDtypeStruct((per_chip * self.chips, self.size, self.size, 3), dtype,
                                 sharding=self.sharded)
 
   def step(self) -> dict[str, Any]:
     tx = bench_models.adamw()
-    state = _abstract(jax.eval_shape(functools.partial(bench_models.train_state, tx=tx),
-                                     self.variables), self.replicated)
+    state = sharding.placed(jax.eval_shape(functools.partial(bench_models.train_state, tx=tx),
+                                           self.variables), self.replicated)
     labels = jax.ShapeDtypeStruct((self.batch * self.chips,), jnp.int32, sharding=self.sharded)
     return figures(bench_models.make_train_step(self.model, tx),
                    (state, self.images(self.batch), labels), self.batch, donate_argnums=0)
 
   def eval(self) -> dict[str, Any]:
     return figures(lambda v, x: self.model.apply(v, x, train=False),
-                   (self.variables, self.images(self.eval_batch)), self.eval_batch)
+                   (self.variables, self.images(self.eval_batch, self.model.dtype)),
+                   self.eval_batch)
 
   def deploy(self) -> dict[str, Any]:
+    """The deploy form as train.py evaluates it and the Predictor serves it: its weights cast to
+    the compute dtype once, beforehand (factory.cast_params), and images in that dtype."""
     model = self.model.clone(deploy=True)
     x1 = jax.ShapeDtypeStruct((1, self.size, self.size, 3), jnp.float32)
-    variables = _abstract(jax.eval_shape(model.init, jax.random.key(0), x1), self.replicated)
+    variables = jax.eval_shape(lambda: factory.cast_params(
+        model.init(jax.random.key(0), jnp.zeros(x1.shape, x1.dtype)), model.dtype))
     return figures(lambda v, x: model.apply(v, x, train=False),
-                   (variables, self.images(self.eval_batch)), self.eval_batch)
+                   (sharding.placed(variables, self.replicated),
+                    self.images(self.eval_batch, model.dtype)), self.eval_batch)
 
   def units(self) -> dict[str, Any]:
     """One unit per stage, forward and backward; {stage: figures}, each with its depth.
@@ -142,7 +150,8 @@ class Programs:
       unit = group['module'].clone(bn_groups=self.bn_groups)
       x = jax.ShapeDtypeStruct((self.batch * self.chips, *group['input'].shape[1:]),
                                group['input'].dtype, sharding=self.sharded)
-      variables = _abstract(jax.eval_shape(unit.init, jax.random.key(0), x), self.replicated)
+      variables = sharding.placed(jax.eval_shape(unit.init, jax.random.key(0), x),
+                                  self.replicated)
 
       def forward_backward(variables, x, unit=unit):
         def loss(params, x):

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from repmlp_jax import outputs
 from repmlp_jax import storage
 from repmlp_jax.models import factory
+from repmlp_jax.train import sharding as sharding_lib
 
 
 def save_model(path: str | os.PathLike, model: nn.Module, variables: Any, *,
@@ -168,10 +169,9 @@ def _load_saved(path: str, sharding: jax.sharding.Sharding | None) -> tuple[nn.M
                        f'settings); give {WHAT_IS_READ}.') from None
     model = factory.model_from_spec(spec['model'])
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                            abstract_variables(model))
     restored = checkpointer.restore(path, args=ocp.args.Composite(
-        variables=ocp.args.StandardRestore(abstract)))
+        variables=ocp.args.StandardRestore(sharding_lib.placed(abstract_variables(model),
+                                                             sharding))))
   return model, restored['variables']
 
 

@@ -24,6 +24,7 @@ import os
 import secrets
 import shutil
 import time
+import warnings
 from typing import BinaryIO, Callable, Iterator, Mapping
 
 from etils import epath
@@ -155,7 +156,7 @@ def _remove_new_entries(directory: epath.Path, before: set[str]) -> None:
 
   A writer such as orbax saves the items of a checkpoint concurrently: when one fails, another
   may still be creating its folder in a thread for a moment. Cleans until two scans in a row
-  find nothing new.
+  find nothing new; warns if entries still appear after 40 scans.
   """
   quiet_scans = 0
   for _ in range(40):
@@ -166,6 +167,9 @@ def _remove_new_entries(directory: epath.Path, before: set[str]) -> None:
     if quiet_scans == 2:
       return
     time.sleep(0.05)
+  warnings.warn(f'A failed write kept creating entries in {directory} through 2 s of cleaning; '
+                f'check there for its leftovers (the last scan removed '
+                f'{", ".join(sorted(leftovers))}).', RuntimeWarning, stacklevel=3)
 
 
 @contextlib.contextmanager

@@ -106,3 +106,19 @@ def test_a_failed_write_is_cleaned_up_while_its_writer_thread_still_adds_files(t
         writer.join()
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
   assert len(calls) >= 2 and os.listdir(tmp_path) == []
+
+
+def test_a_writer_that_never_stops_adding_files_is_warned_of(tmp_path):
+  """The cleanup gives up after 40 scans (2 s) and says so rather than leaving files silently."""
+  target, scans = tmp_path / 'deploy', []
+
+  def entries(directory):  # A writer that adds a file before every scan, each one removed.
+    scans.append(directory)
+    return {f'left_{len(scans) - 1}'}
+
+  with mock.patch.object(outputs, '_entries', entries), \
+       mock.patch.object(outputs.time, 'sleep', lambda seconds: None):
+    with pytest.warns(RuntimeWarning, match=r'kept creating .* \(the last scan removed left_40\)'):
+      with pytest.raises(outputs.WriteError, match='no space left on device'):
+        with outputs.writing(target):
+          raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -8,6 +8,9 @@ train.py's exit status 2.
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 import types
 
 import jax
@@ -23,6 +26,7 @@ from repmlp_jax.tpu import compile_report
 from repmlp_jax.tpu import hlo
 from repmlp_jax.tpu import topologies
 from repmlp_jax.tpu import train_programs
+from tests.test_cli_messages import ROOT
 from tests.test_cli_messages import run_train_py
 
 needs_libtpu = pytest.mark.skipif(
@@ -79,6 +83,42 @@ def test_report_fields_agree_with_each_other(compiled):
     seconds = max(p['flops_per_chip'] / 197e12, p['bytes_accessed_per_chip'] / 819e9)
     assert math.isclose(p['roofline_img_per_s_per_chip'], batch / seconds)
     assert math.isclose(p['mfu_bound'], batch / seconds * useful[name] / chip.peak_bf16_flops)
+
+
+# bench_tpu_memory defines absl flags (--config) as train.py does: it runs in its own process.
+_BENCHMARK_INPUTS = """
+import json, jax
+from benchmarks import bench_tpu_memory
+from repmlp_jax.tpu import topologies
+from repmlp_jax.train import sharding
+from tests import helpers
+mesh = sharding.create_mesh(topologies.devices(topologies.parse('v5e:2x2')))
+args = {p.name: p.lowered.args_info[0] for p in bench_tpu_memory.model_programs(
+    '_RepMLPNet-Tiny', 16, 16, 'bfloat16', mesh)}
+dtypes = lambda tree: sorted({str(a.dtype) for a in jax.tree.leaves(tree)})
+deploy = args['deploy_forward'][0]
+print(json.dumps({'images': {n: dtypes(a[1]) for n, a in args.items()},
+                  'eval_variables': dtypes(args['eval_step'][0]),
+                  'deploy_float32': sorted(helpers.float32_params(deploy)),
+                  'deploy_batch_norms': sorted(helpers.batch_norm_params(deploy))}))
+"""
+
+
+@needs_libtpu
+def test_the_tpu_benchmarks_feed_the_forwards_as_train_py_does():
+  """bench_tpu_memory --model and bench_tpu_step: float32 training images, bfloat16 images to
+  both forwards, the deploy form's weights cast beforehand with its BatchNorms float32."""
+  from benchmarks import bench_tpu_step  # pylint: disable=import-outside-toplevel
+  done = subprocess.run([sys.executable, '-c', _BENCHMARK_INPUTS], cwd=ROOT, timeout=300,
+                        env={**os.environ, 'PYTHONPATH': ROOT}, capture_output=True, text=True,
+                        check=True)
+  found = json.loads(done.stdout.splitlines()[-1])
+  assert found['images'] == {'train_step': ['float32'], 'eval_step': ['bfloat16'],
+                             'deploy_forward': ['bfloat16']}
+  assert found['eval_variables'] == ['float32']  # The training form casts inside the model.
+  assert found['deploy_float32'] == found['deploy_batch_norms'] != []
+  deploy = bench_tpu_step.Programs('_RepMLPNet-Tiny', 'v5e:2x2', 4, 4).deploy()
+  assert deploy['images_per_chip'] == 4 and deploy['mb_per_image'] > 0
 
 
 def test_figures_of_a_hand_written_program():

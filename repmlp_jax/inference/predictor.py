@@ -4,8 +4,9 @@ A `Predictor` holds a model and its variables on one device (CPU, GPU or TPU: wh
 `jax.devices()` gives first, or the one passed). A training-form model is re-parameterized once
 (jit) to the deploy form unless asked not to. Every batch is padded to a fixed batch size, so a
 Predictor compiles once per input resolution, whatever the number of images (the last partial
-batch does not recompile). `dtype=jnp.bfloat16` casts the parameters (BatchNorms' stay float32)
-and the computation (the README gives its agreement with float32).
+batch does not recompile). `dtype=jnp.bfloat16` casts the parameters (BatchNorms' stay float32),
+the computation (the README gives its agreement with float32) and the images, on the host: the
+device receives half the bytes, rounded as the model would round them.
 """
 
 import os
@@ -125,7 +126,8 @@ class Predictor:
                        f'{images.dtype}. Use predict_files for image files.')
     self._check_side(images.shape[1], 'Image height')
     self._check_side(images.shape[2], 'Image width')
-    return images.astype(np.float32)
+    # Through float32, as the images of the float32 model (no rounding straight from float64).
+    return images.astype(np.float32).astype(self.dtype)
 
   def _batches(self, images: np.ndarray):
     """Yields (padded batch on device, number of real images)."""

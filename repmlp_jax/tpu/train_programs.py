@@ -25,6 +25,7 @@ from repmlp_jax.commands import cli
 from repmlp_jax.data import input_pipeline
 from repmlp_jax.models import repmlpnet
 from repmlp_jax.train import experiment
+from repmlp_jax.train import sharding
 
 # Training-split sizes of the tfds data sets, as their catalog publishes them: the schedule's
 # length in steps depends on it, the compiled programs do not.
@@ -109,9 +110,8 @@ def lower(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     # The deploy variables live where the compiled reparam puts them during evaluation, in the
     # dtype it gives them (Experiment.deploy_variables).
     reparam = exp.deploy_variables.lower(variables).compile()
-    deploy_variables = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        jax.eval_shape(exp.deploy_variables, variables), reparam.output_shardings)
+    deploy_variables = sharding.placed(jax.eval_shape(exp.deploy_variables, variables),
+                                       reparam.output_shardings)
     programs.append(Program('deploy_forward',
                             exp.deploy_eval_counts.lower(deploy_variables, eval_batch),
                             config.eval_batch_size,

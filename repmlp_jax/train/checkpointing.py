@@ -19,6 +19,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from repmlp_jax import outputs
 from repmlp_jax import storage
+from repmlp_jax.train import sharding as sharding_lib
 
 BEST_METRIC = 'top1'
 _ITEM = 'default'  # The folder of a CheckpointManager step that holds the single item.
@@ -106,8 +107,7 @@ class Checkpoints:
     missing = [k for k in keys if k not in stored]
     if missing:
       raise KeyError(missing[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                            {k: stored[k] for k in keys})
+    abstract = sharding_lib.placed({k: stored[k] for k in keys}, sharding)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
       return checkpointer.restore(
           storage.resolve(self.directory) / str(step) / _ITEM, args=ocp.args.PyTreeRestore(

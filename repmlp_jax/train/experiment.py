@@ -140,9 +140,7 @@ class Experiment:
     abstract = jax.eval_shape(self._init)
     self.state_sharding = sharding.state_sharding(abstract, self.mesh, fsdp=config.fsdp,
                                                   min_size=config.fsdp_min_size)
-    self.abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-        self.state_sharding)
+    self.abstract_state = sharding.placed(abstract, self.state_sharding)
     self.init_state = jax.jit(self._init, out_shardings=self.state_sharding)
     self.train_step = jax.jit(self._train_step, donate_argnums=0,
                               in_shardings=(self.state_sharding, self.batch_sharding),

@@ -33,6 +33,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def placed(tree: Any, shardings: jax.sharding.Sharding | Any) -> Any:
+  """`tree`'s shapes and dtypes as jax.ShapeDtypeStructs placed with `shardings`: one sharding
+  for every leaf, or a pytree of them of `tree`'s structure (what jit's `lower` and orbax's
+  restore take)."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings), tree)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
+                      shardings)
+
+
 def fsdp_spec(shape: Sequence[int], mesh_size: int, min_size: int) -> P:
   """The partition of one array under FSDP: its largest axis divisible by the mesh size, if the
   array is large enough to be worth splitting; otherwise replicated."""
