@@ -124,10 +124,11 @@ def test_bfloat16_close_to_float32(tiny, images):
   err = helpers.relative_error(l32, l16)
   assert 0 < err < 0.05, err  # Really computed in bfloat16, and still close.
   # The images go to the device in bfloat16, rounded on the host as jax rounds them there.
-  batches = list(bf16._batches(bf16._check_images(images)))  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  batches = list(bf16._batches(bf16._check_images(images)))
   assert {b.dtype for b, _ in batches} == {jnp.dtype(jnp.bfloat16)}
   padded = np.concatenate([images, np.zeros_like(images[:1])])  # 7 images, batches of 8.
-  cast_on_device = bf16._logits(bf16.variables, jnp.asarray(padded))  # pylint: disable=protected-access
+  cast_on_device = bf16._logits(bf16.variables, jnp.asarray(padded))
   np.testing.assert_array_equal(l16, np.asarray(cast_on_device)[:7])
 
 
