@@ -126,8 +126,9 @@ class Predictor:
                        f'{images.dtype}. Use predict_files for image files.')
     self._check_side(images.shape[1], 'Image height')
     self._check_side(images.shape[2], 'Image width')
-    # Through float32, as the images of the float32 model (no rounding straight from float64).
-    return images.astype(np.float32).astype(self.dtype)
+    # Through float32, as the images of the float32 model (no rounding straight from float64);
+    # a float32 Predictor keeps that array rather than copying it again.
+    return images.astype(np.float32).astype(self.dtype, copy=False)
 
   def _batches(self, images: np.ndarray):
     """Yields (padded batch on device, number of real images)."""
